@@ -1,0 +1,207 @@
+"""The streaming blueprint: ``GET <prefix>?channel=a&channel=b``."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from flask import Blueprint, Flask, Response, current_app, request
+from flask.sansio.app import App
+from flask.sansio.blueprints import BlueprintSetupState
+
+from . import signals
+from .bus.base import Reset, Subscription
+from .encoding import Event, comment, encode_event, retry_block
+from .errors import ConfigurationError
+from .state import EXTENSION_KEY, SSEState, check_channel, get_state
+from .stream import EventStream
+
+#: Event type of the reset signal: replay from the client's ``Last-Event-ID`` was impossible
+#: (too old, unknown or malformed), so the client should refetch its state.
+RESET_EVENT = "sse-reset"
+
+#: Longest ``Last-Event-ID`` looked at; a longer one is answered with a reset.
+MAX_LAST_EVENT_ID = 256
+
+AuthorizeHook = Callable[[str], bool]
+IdentifyHook = Callable[[], object]
+ConnectHook = Callable[[frozenset[str]], "Iterable[Event | Any] | None"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_HEADERS = {
+    "Cache-Control": "no-cache",
+    # nginx buffers proxied responses unless told not to.
+    "X-Accel-Buffering": "no",
+}
+_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+
+
+def _plain(status: int, message: str) -> Response:
+    return Response(message + "\n", status, content_type="text/plain; charset=utf-8")
+
+
+class SSEBlueprint(Blueprint):
+    """A blueprint that serves event streams at its URL prefix.
+
+    Registering it sets the extension up on the app: config defaults, settings and the bus
+    in ``app.extensions["sse_push"]``. :data:`flask_sse_push.sse` is a ready instance; build
+    your own to keep hooks apart between apps.
+
+    :param name: the blueprint's name (endpoint prefix).
+    :param import_name: passed to :class:`flask.Blueprint`.
+    :param url_prefix: the stream's URL when none is given at registration.
+    :param kwargs: passed to :class:`flask.Blueprint`.
+    """
+
+    def __init__(
+        self,
+        name: str = "sse",
+        import_name: str = __name__,
+        *,
+        url_prefix: str | None = "/stream",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name, import_name, url_prefix=url_prefix, **kwargs)
+        self._authorize: AuthorizeHook | None = None
+        self._identify: IdentifyHook | None = None
+        self._on_connect: list[ConnectHook] = []
+        self.add_url_rule("", "stream", self.stream_view, methods=["GET"])
+        self.record(self._setup)
+
+    def register(self, app: App, options: dict[str, Any]) -> None:
+        """Register on *app*; a second registration on the same app is refused."""
+        if EXTENSION_KEY in app.extensions:
+            raise ConfigurationError(
+                "flask-sse-push is already registered on this app; register the blueprint "
+                "once. One stream can follow several channels: '?channel=a&channel=b'."
+            )
+        super().register(app, options)
+
+    def _setup(self, state: BlueprintSetupState) -> None:
+        if not isinstance(state.app, Flask):
+            raise ConfigurationError("flask-sse-push needs a flask.Flask app")
+        state.app.extensions[EXTENSION_KEY] = SSEState(state.app, self)
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def authorize(self, func: F) -> F:
+        """Register ``func(channel) -> bool``, called for each channel a client asks for,
+        inside the request (``flask.g``, the session and the logged-in user are there).
+        A false answer refuses the whole request with 403 before anything is subscribed.
+        Without this hook every channel is public."""
+        self._authorize = func
+        return func
+
+    def identify(self, func: F) -> F:
+        """Register ``func() -> identity``, called inside the request; the identity is
+        attached to the stream so :func:`~flask_sse_push.end_streams` can end a user's
+        streams."""
+        self._identify = func
+        return func
+
+    def on_connect(self, func: F) -> F:
+        """Register ``func(channels) -> iterable of events`` whose events go to the new
+        connection only, after any replay and before live events (for example the current
+        state of a dashboard). Items may be :class:`~flask_sse_push.Event` objects or plain
+        data. Several hooks run in registration order."""
+        self._on_connect.append(func)
+        return func
+
+    # -- the view ------------------------------------------------------------------------
+
+    def _channels(self, state: SSEState) -> list[str] | Response:
+        names = request.args.getlist("channel")
+        settings = state.settings
+        if not names:
+            return [settings.default_channel]
+        if len(names) > settings.max_channels:
+            return _plain(
+                400,
+                f"too many channels: {len(names)} given, at most {settings.max_channels} "
+                "per connection (SSE_MAX_CHANNELS)",
+            )
+        unique: list[str] = []
+        for name in names:
+            try:
+                check_channel(name)
+            except ValueError as exc:
+                return _plain(400, str(exc))
+            if name not in unique:
+                unique.append(name)
+        return unique
+
+    def stream_view(self) -> Response:
+        """Open a stream on the channels of the query string."""
+        app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        state = get_state(app)
+        settings = state.settings
+        channels = self._channels(state)
+        if isinstance(channels, Response):
+            return channels
+        if self._authorize is not None:
+            for channel in channels:
+                if not self._authorize(channel):
+                    return _plain(403, f"not allowed to read channel {channel!r}")
+        headers = dict(_HEADERS)
+        if request.method == "HEAD":
+            return Response(b"", 200, headers, content_type=_CONTENT_TYPE)
+        state.check_process()
+        bus = state.bus
+        if bus.connection_count() >= settings.max_connections:
+            # Not 503/429/204: on those a browser stops reconnecting for good.
+            delay = (settings.retry or 3000) + random.randint(0, 5000)
+            body = retry_block(delay) + comment(" too many connections, retry later")
+            return Response(body, 200, headers, content_type=_CONTENT_TYPE)
+
+        last_event_id = request.headers.get("Last-Event-ID") or request.args.get("lastEventId")
+        if last_event_id is not None and len(last_event_id) > MAX_LAST_EVENT_ID:
+            last_event_id = ""
+        user = self._identify() if self._identify is not None else None
+        sub = Subscription(channels, settings.queue_size, user)
+        resume = bus.subscribe(sub, last_event_id)
+        try:
+            head = self._head(app, state, sub, resume.replay, resume.reset, last_event_id)
+        except BaseException:
+            bus.unsubscribe(sub)
+            raise
+        signals.connection_opened.send(app, channels=sub.channels)
+
+        def closed(sub: Subscription) -> None:
+            signals.connection_closed.send(app, channels=sub.channels, reason=sub.reason)
+
+        stream = EventStream(
+            sub,
+            bus,
+            head,
+            keepalive=settings.keepalive,
+            max_lifetime=settings.max_lifetime,
+            on_close=closed,
+        )
+        return Response(stream, 200, headers, content_type=_CONTENT_TYPE, direct_passthrough=True)
+
+    def _head(
+        self,
+        app: Flask,
+        state: SSEState,
+        sub: Subscription,
+        replay: list[bytes],
+        reset: Reset | None,
+        last_event_id: str | None,
+    ) -> bytes:
+        dumps = app.json.dumps
+        retry = state.settings.retry
+        parts = [retry_block(retry) if retry is not None else comment(" ok")]
+        if reset is not None:
+            notice = {"reason": reset.reason, "lastEventId": last_event_id}
+            parts.append(encode_event(Event(notice, RESET_EVENT), dumps, reset.head_id))
+        parts.extend(replay)
+        for hook in self._on_connect:
+            for item in hook(sub.channels) or ():
+                event = item if isinstance(item, Event) else Event(item)
+                parts.append(encode_event(event, dumps))
+        return b"".join(parts)
+
+
+#: The ready blueprint: ``app.register_blueprint(sse, url_prefix="/stream")``.
+sse = SSEBlueprint()

@@ -1,0 +1,127 @@
+"""Configuration keys, their defaults, and the settings object read once per app.
+
+Every key is documented in ``docs/configuration.rst``; this module is the one place that
+names them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigurationError
+
+#: Seconds between keep-alive comment lines on a quiet stream; ``0`` turns them off.
+SSE_KEEPALIVE = "SSE_KEEPALIVE"
+#: Events held for one connection before it counts as too slow and its stream is ended.
+SSE_QUEUE_SIZE = "SSE_QUEUE_SIZE"
+#: Channel followed by a connection that names none, and used by ``send_event`` by default.
+SSE_DEFAULT_CHANNEL = "SSE_DEFAULT_CHANNEL"
+#: Reconnection delay in milliseconds sent to clients when they connect (``None``: not sent).
+SSE_RETRY = "SSE_RETRY"
+#: Which bus carries events: ``memory://`` (one process) or ``redis://host:port/db``.
+SSE_BUS_URL = "SSE_BUS_URL"
+#: Events the bus keeps for ``Last-Event-ID`` replay.
+SSE_HISTORY_SIZE = "SSE_HISTORY_SIZE"
+#: Open streams allowed per process; more are told to come back later.
+SSE_MAX_CONNECTIONS = "SSE_MAX_CONNECTIONS"
+#: Channels one connection may follow.
+SSE_MAX_CHANNELS = "SSE_MAX_CHANNELS"
+#: Seconds after which a stream is ended so the client reconnects (``0``: never).
+SSE_MAX_LIFETIME = "SSE_MAX_LIFETIME"
+#: Seconds ``send_event`` may wait for a remote bus before it raises.
+SSE_PUBLISH_TIMEOUT = "SSE_PUBLISH_TIMEOUT"
+
+DEFAULTS: Mapping[str, Any] = {
+    SSE_KEEPALIVE: 15.0,
+    SSE_QUEUE_SIZE: 512,
+    SSE_DEFAULT_CHANNEL: "sse",
+    SSE_RETRY: 3000,
+    SSE_BUS_URL: "memory://",
+    SSE_HISTORY_SIZE: 1000,
+    SSE_MAX_CONNECTIONS: 1000,
+    SSE_MAX_CHANNELS: 32,
+    SSE_MAX_LIFETIME: 0.0,
+    SSE_PUBLISH_TIMEOUT: 5.0,
+}
+
+#: Channel names: 1 to 128 characters out of letters, digits and ``_-.:@/``.
+CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
+
+
+def _number(config: Mapping[str, Any], key: str, *, minimum: float, integer: bool) -> Any:
+    value = config[key]
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+        wanted = "a whole number" if integer else "a number"
+        raise ConfigurationError(
+            f"{key} must be {wanted} >= {minimum:g}, got {value!r}; "
+            f"fix it in app.config (the default is {DEFAULTS[key]!r})."
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The extension's settings for one app, read once when the blueprint is registered.
+
+    :param keepalive: seconds between keep-alive comments, ``0`` for none.
+    :param queue_size: bound of each connection's queue.
+    :param default_channel: channel used when none is named.
+    :param retry: reconnection delay in ms announced on connect, or ``None``.
+    :param bus_url: URL selecting the bus backend.
+    :param history_size: events kept for replay.
+    :param max_connections: open streams allowed per process.
+    :param max_channels: channels one connection may follow.
+    :param max_lifetime: seconds before a stream is ended for reconnection, ``0`` for never.
+    :param publish_timeout: seconds a publish may wait on a remote bus.
+    """
+
+    keepalive: float
+    queue_size: int
+    default_channel: str
+    retry: int | None
+    bus_url: str
+    history_size: int
+    max_connections: int
+    max_channels: int
+    max_lifetime: float
+    publish_timeout: float
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
+        """Validate the ``SSE_*`` keys of *config* (defaults already filled in).
+
+        :raises ConfigurationError: naming the key and what it should be.
+        """
+        channel = config[SSE_DEFAULT_CHANNEL]
+        if not isinstance(channel, str) or not CHANNEL_RE.fullmatch(channel):
+            raise ConfigurationError(
+                f"{SSE_DEFAULT_CHANNEL} must be 1-128 characters of letters, digits and "
+                f"'_-.:@/', got {channel!r}."
+            )
+        retry = config[SSE_RETRY]
+        if retry is not None:
+            retry = _number(config, SSE_RETRY, minimum=0, integer=True)
+        bus_url = config[SSE_BUS_URL]
+        if not isinstance(bus_url, str) or "://" not in bus_url:
+            raise ConfigurationError(
+                f"{SSE_BUS_URL} must be a URL such as 'memory://' or "
+                f"'redis://localhost:6379/0', got {bus_url!r}."
+            )
+        return cls(
+            keepalive=float(_number(config, SSE_KEEPALIVE, minimum=0, integer=False)),
+            queue_size=_number(config, SSE_QUEUE_SIZE, minimum=1, integer=True),
+            default_channel=channel,
+            retry=retry,
+            bus_url=bus_url,
+            history_size=_number(config, SSE_HISTORY_SIZE, minimum=0, integer=True),
+            max_connections=_number(config, SSE_MAX_CONNECTIONS, minimum=1, integer=True),
+            max_channels=_number(config, SSE_MAX_CHANNELS, minimum=1, integer=True),
+            max_lifetime=float(_number(config, SSE_MAX_LIFETIME, minimum=0, integer=False)),
+            publish_timeout=float(
+                _number(config, SSE_PUBLISH_TIMEOUT, minimum=0.001, integer=False)
+            ),
+        )

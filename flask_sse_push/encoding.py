@@ -1,0 +1,158 @@
+"""Encoding of events to the ``text/event-stream`` wire format.
+
+An event is encoded once, when it is published; every connection then writes the same bytes.
+The rules follow the WHATWG HTML specification, section "Server-sent events".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+#: Line breaks of the event-stream format: CRLF, lone LF, lone CR, and no others
+#: (``str.splitlines`` would also split at U+2028, U+0085 and friends).
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\x00]")
+
+#: The longest ``event`` or ``id`` value accepted.
+MAX_FIELD_LENGTH = 256
+
+#: A keep-alive: a comment line plus the blank line that ends the block.
+KEEPALIVE = b":\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event to send, as given to :func:`~flask_sse_push.send_event` or returned by an
+    on-connect hook.
+
+    :param data: a ``str`` sent as is, or anything the app's JSON provider can serialize.
+    :param event: the event type; ``None`` or ``""`` make the browser dispatch ``message``.
+    :param id: the event id (``str`` or ``int``); ``None`` lets the bus assign one.
+    :param retry: reconnection delay in milliseconds for the client, a non-negative ``int``.
+    """
+
+    data: Any
+    event: str | None = None
+    id: str | int | None = None
+    retry: int | None = None
+
+
+def check_field(name: str, value: object) -> str:
+    """Validate an ``event`` or ``id`` value and return it as text.
+
+    :raises TypeError: when *value* is not a ``str`` (or, for ``id``, an ``int``).
+    :raises ValueError: when it holds CR, LF or NUL, which would inject fields, or is too long.
+    """
+    if name == "id" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        allowed = "a str or an int" if name == "id" else "a str"
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__}: {value!r}")
+    if _FORBIDDEN_IN_FIELD.search(value):
+        raise ValueError(
+            f"{name} must not contain CR, LF or NUL (they would start new fields on the "
+            f"wire), got {value!r}"
+        )
+    if len(value) > MAX_FIELD_LENGTH:
+        raise ValueError(f"{name} must be at most {MAX_FIELD_LENGTH} characters long")
+    return value
+
+
+def check_id(value: object) -> str:
+    """Validate a caller-given event id.
+
+    An empty id is refused: on the wire it would clear the client's resume point.
+
+    :raises TypeError: see :func:`check_field`.
+    :raises ValueError: see :func:`check_field`, or when the id is empty.
+    """
+    text = check_field("id", value)
+    if not text:
+        raise ValueError(
+            "id must not be empty: an empty id resets the client's Last-Event-ID; "
+            "pass id=None to let the bus assign one"
+        )
+    return text
+
+
+def check_retry(value: object) -> int:
+    """Validate a ``retry`` value: a non-negative ``int`` (``bool`` is refused).
+
+    :raises TypeError: when it is not an ``int``.
+    :raises ValueError: when it is negative.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"retry must be an int number of milliseconds, got {type(value).__name__}: {value!r}"
+        )
+    if value < 0:
+        raise ValueError(f"retry must be >= 0 milliseconds, got {value}")
+    return value
+
+
+def data_text(data: object, dumps: Callable[[Any], str]) -> str:
+    """Return the text of *data*: a ``str`` as is, anything else through *dumps* (JSON).
+
+    :raises TypeError: when *dumps* cannot serialize *data*.
+    """
+    if isinstance(data, str):
+        return data
+    try:
+        return dumps(data)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"data of type {type(data).__name__} cannot be serialized to JSON ({exc}); "
+            "pass a str, or register a JSON provider that handles it"
+        ) from exc
+
+
+def encode_body(text: str, event: str | None = None, retry: int | None = None) -> bytes:
+    """Encode the fields of an event other than ``id``, ending with the blank line.
+
+    *text* becomes one ``data:`` line per line (split at CRLF, CR and LF only), so ``""`` is
+    one empty ``data:`` line, which the browser dispatches as an empty message. Arguments
+    must already be validated.
+    """
+    parts: list[str] = []
+    if event:
+        parts.append(f"event: {event}\n")
+    if retry is not None:
+        parts.append(f"retry: {retry}\n")
+    for line in _LINE_BREAK.split(text):
+        parts.append(f"data: {line}\n")
+    parts.append("\n")
+    return "".join(parts).encode("utf-8")
+
+
+def with_id(event_id: str | None, body: bytes) -> bytes:
+    """Prefix an encoded *body* with its ``id:`` line (nothing when *event_id* is ``None``)."""
+    if event_id is None:
+        return body
+    return b"id: " + event_id.encode("utf-8") + b"\n" + body
+
+
+def encode_event(event: Event, dumps: Callable[[Any], str], event_id: str | None = None) -> bytes:
+    """Validate and encode a whole :class:`Event`; *event_id* overrides ``event.id``.
+
+    :raises TypeError: for a wrongly typed field or data JSON cannot serialize.
+    :raises ValueError: for a field that would inject others, or a negative retry.
+    """
+    kind = None if event.event is None else check_field("event", event.event)
+    retry = None if event.retry is None else check_retry(event.retry)
+    if event_id is None and event.id is not None:
+        event_id = check_id(event.id)
+    return with_id(event_id, encode_body(data_text(event.data, dumps), kind, retry))
+
+
+def comment(text: str = "") -> bytes:
+    """Encode a comment block; every line of *text* becomes its own comment line."""
+    lines = _LINE_BREAK.split(text)
+    return "".join(f":{line}\n" for line in lines).encode("utf-8") + b"\n"
+
+
+def retry_block(milliseconds: int) -> bytes:
+    """Encode a block that sets only the reconnection delay and dispatches nothing."""
+    return f"retry: {milliseconds}\n\n".encode("ascii")

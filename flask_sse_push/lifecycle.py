@@ -1,0 +1,61 @@
+"""Process-wide concerns: ending every stream at shutdown, and noticing several workers.
+
+Shutdown is a property of the process, not of one app, so the buses of all apps in the
+process are tracked here (weakly) for :func:`end_all_streams`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+from .bus.base import SHUTDOWN, Bus
+
+log = logging.getLogger("flask_sse_push")
+
+_buses: weakref.WeakSet[Bus] = weakref.WeakSet()
+
+
+def track(bus: Bus) -> None:
+    """Include *bus* in :func:`end_all_streams`."""
+    _buses.add(bus)
+
+
+def end_all_streams(reason: str = SHUTDOWN) -> int:
+    """End every open stream of every app in this process, so that a server that is shutting
+    down or reloading can exit at once; clients reconnect by themselves. Returns how many
+    streams were ended.
+    """
+    return sum(bus.end_streams(reason) for bus in list(_buses))
+
+
+def sibling_workers() -> int:
+    """How many processes share this one's parent and command line (this one included).
+
+    A pre-forking server such as gunicorn runs its workers that way. Linux only (it reads
+    ``/proc``); elsewhere, or when anything cannot be read, it answers 1.
+    """
+    try:
+        me = os.getpid()
+        parent = os.getppid()
+        with open(f"/proc/{me}/cmdline", "rb") as f:
+            cmdline = f.read()
+        count = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    # The ppid is the 2nd field after the parenthesised command name.
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                if ppid != parent:
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read() == cmdline:
+                        count += 1
+            except (OSError, ValueError, IndexError):
+                continue
+        return max(count, 1)
+    except OSError:
+        return 1

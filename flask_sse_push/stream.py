@@ -1,0 +1,89 @@
+"""The body of every stream response: replay, live events and keep-alives."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Iterator
+
+from .bus.base import LIFETIME, Bus, Subscription
+from .encoding import KEEPALIVE, comment
+
+
+class EventStream:
+    """A WSGI response body that writes *head* at once, then the events queued for *sub*.
+
+    A comment line goes out after every *keepalive* seconds of silence (``0``: never); it
+    keeps proxies from closing the stream and lets the server notice a vanished client. The
+    stream ends when the subscription is ended (slow client, shutdown, revocation), after
+    *max_lifetime* seconds when that is set, or when the client goes away, which the server
+    reports by calling :meth:`close`. In every case *sub* leaves the bus exactly once, even
+    when the body was never iterated.
+
+    :param sub: the connection's subscription, already on the bus.
+    :param bus: the bus to leave at the end.
+    :param head: bytes written before any live event (retry hint, replay, initial state).
+    :param keepalive: seconds between keep-alive comments.
+    :param max_lifetime: seconds before the stream ends for a reconnection, ``0`` for never.
+    :param on_close: called once with *sub* when the stream is over.
+    """
+
+    def __init__(
+        self,
+        sub: Subscription,
+        bus: Bus,
+        head: bytes,
+        *,
+        keepalive: float,
+        max_lifetime: float = 0.0,
+        on_close: Callable[[Subscription], None] | None = None,
+    ) -> None:
+        self.sub = sub
+        self._bus = bus
+        self._on_close = on_close
+        self._finished = False
+        self._events = self._run(head, keepalive or None, max_lifetime)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._events
+
+    def close(self) -> None:
+        """Stop the stream and leave the bus (WSGI servers call this when done)."""
+        self._events.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._bus.unsubscribe(self.sub)
+        if self._on_close is not None:
+            self._on_close(self.sub)
+
+    def _run(
+        self, head: bytes, wait: float | None, max_lifetime: float
+    ) -> Generator[bytes, None, None]:
+        sub = self.sub
+        deadline = time.monotonic() + max_lifetime if max_lifetime else None
+        try:
+            yield head
+            while True:
+                timeout = wait
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        sub.end(LIFETIME)
+                        timeout = 0
+                    else:
+                        timeout = left if timeout is None else min(timeout, left)
+                chunks = sub.take(timeout)
+                if chunks is None:
+                    yield comment(f" {sub.reason}")
+                    return
+                if len(chunks) == 1:
+                    yield chunks[0]
+                elif chunks:
+                    yield b"".join(chunks)
+                elif wait is not None and (deadline is None or deadline > time.monotonic()):
+                    yield KEEPALIVE
+        finally:
+            self._finish()
