@@ -22,12 +22,13 @@ connection_opened = _signals.signal(
 )
 connection_closed = _signals.signal(
     "connection-closed",
-    doc="A stream ended. Keyword arguments: ``channels`` and ``reason`` (``None`` when the "
-    "client went away, else ``'slow'``, ``'shutdown'``, ``'revoked'`` or ``'lifetime'``).",
+    doc="A stream ended. Keyword arguments: ``channels`` and ``reason`` (``'closed'`` when the "
+    "client went away or the server closed it, else ``'slow'``, ``'shutdown'``, ``'revoked'`` or ``'lifetime'``).",
 )
 event_published = _signals.signal(
     "event-published",
-    doc="``send_event`` published an event. Keyword arguments: ``channel``, ``id``.",
+    doc="``send_event`` published an event. Keyword arguments: ``channel``, ``id``, ``data`` "
+    "(as given) and ``event`` (the type or ``None``).",
 )
 client_dropped = _signals.signal(
     "client-dropped",

@@ -85,7 +85,8 @@ class SSEState:
             retry = check_retry(retry)
         body = encode_body(data_text(data, app.json.dumps), kind, retry)
         event_id = self.bus.publish(channel, body, event_id)
-        signals.event_published.send(app, channel=channel, id=event_id)
+        if signals.event_published.receivers:
+            signals.event_published.send(app, channel=channel, id=event_id, data=data, event=kind)
         return event_id
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Iterator
 
-from .bus.base import LIFETIME, Bus, Subscription
+from .bus.base import CLOSED, LIFETIME, Bus, Subscription
 from .encoding import KEEPALIVE, comment
 
 
@@ -47,8 +47,16 @@ class EventStream:
         return self._events
 
     def close(self) -> None:
-        """Stop the stream and leave the bus (WSGI servers call this when done)."""
-        self._events.close()
+        """Stop the stream and leave the bus (WSGI servers call this when done).
+
+        Safe to call from another thread while the body is being iterated: the waiting
+        iteration wakes up and ends.
+        """
+        self.sub.end(CLOSED)
+        try:
+            self._events.close()
+        except ValueError:
+            pass  # "generator already executing" in another thread: it ends by itself now.
         self._finish()
 
     def _finish(self) -> None:

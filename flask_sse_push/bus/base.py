@@ -22,6 +22,7 @@ SLOW = "slow"
 SHUTDOWN = "shutdown"
 REVOKED = "revoked"
 LIFETIME = "lifetime"
+CLOSED = "closed"
 
 
 class Message(NamedTuple):

@@ -1,0 +1,1 @@
+"""A small app showing flask-sse-push at work."""

@@ -1,0 +1,81 @@
+"""A gunicorn configuration module for serving event streams.
+
+Use it as is::
+
+    gunicorn -c python:flask_sse_push.gunicorn_conf app:app
+
+or import its settings and hooks into your own configuration file. It selects the gevent
+worker, raises ``worker_connections`` above ``SSE_MAX_CONNECTIONS`` (gunicorn's default of
+1000 would otherwise cap the streams first and silently queue the rest), and ends every open
+stream as soon as a worker is told to stop (SIGTERM, or a SIGHUP reload), so that the worker
+exits within a second or two instead of after ``graceful_timeout`` and the clients reconnect
+to the new workers at once.
+
+Environment variables: ``SSE_WORKER_CONNECTIONS`` (default 2000), ``GUNICORN_WORKERS``
+(default 1), ``GUNICORN_BIND`` (default ``127.0.0.1:8000``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Flask
+
+from .config import SSE_MAX_CONNECTIONS
+from .lifecycle import end_all_streams, log
+from .state import EXTENSION_KEY
+
+worker_class = "gevent"
+workers = int(os.environ.get("GUNICORN_WORKERS", "1"))
+bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
+#: Every open stream holds one of these slots; keep room for ordinary requests.
+worker_connections = int(os.environ.get("SSE_WORKER_CONNECTIONS", "2000"))
+
+#: How often a worker checks whether it was told to stop.
+SHUTDOWN_POLL = 0.2
+
+
+def _watch(worker: Any) -> None:
+    import gevent
+
+    while worker.alive:
+        gevent.sleep(SHUTDOWN_POLL)
+    ended = end_all_streams()
+    if ended:
+        log.info("flask-sse-push: worker %s ended %d streams for shutdown", worker.pid, ended)
+
+
+def _check_limits(worker: Any) -> None:
+    app = worker.wsgi
+    if not isinstance(app, Flask) or EXTENSION_KEY not in app.extensions:
+        return
+    limit = app.extensions[EXTENSION_KEY].settings.max_connections
+    slots = getattr(worker, "worker_connections", None)
+    if isinstance(slots, int) and slots <= limit:
+        log.warning(
+            "flask-sse-push: gunicorn worker_connections (%d) is not above %s (%d): gunicorn "
+            "will stop accepting connections before the extension's limit, and no ordinary "
+            "request can get through when the streams fill it. Raise worker_connections "
+            "(e.g. SSE_WORKER_CONNECTIONS=%d) or lower %s.",
+            slots,
+            SSE_MAX_CONNECTIONS,
+            limit,
+            limit + 100,
+            SSE_MAX_CONNECTIONS,
+        )
+
+
+def post_worker_init(worker: Any) -> None:
+    """gunicorn hook: watch for shutdown and check the connection limits."""
+    _check_limits(worker)
+    if worker.__class__.__name__.startswith("Gevent"):
+        import gevent
+
+        gevent.spawn(_watch, worker)
+    else:
+        log.warning(
+            "flask-sse-push: worker class %s is not gevent; every open stream holds a whole "
+            "worker. Run gunicorn with -k gevent.",
+            worker.__class__.__name__,
+        )

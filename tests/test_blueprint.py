@@ -1,0 +1,340 @@
+"""The blueprint, send_event and the in-process bus through Flask's test client."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from flask_sse_push import (
+    ConfigurationError,
+    Event,
+    NotRegisteredError,
+    SSEBlueprint,
+    end_streams,
+    get_state,
+    send_event,
+    sse,
+)
+from flask_sse_push.testing import EventReader, captured_events, read_events
+
+
+def make_app(**config: Any) -> tuple[Flask, SSEBlueprint]:
+    app = Flask(__name__)
+    app.config.update({"SSE_KEEPALIVE": 0.2, **config})
+    blueprint = SSEBlueprint()
+    app.register_blueprint(blueprint, url_prefix="/stream")
+    return app, blueprint
+
+
+@pytest.fixture
+def app() -> Flask:
+    return make_app()[0]
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def connections(app: Flask) -> int:
+    return get_state(app).bus.connection_count()
+
+
+def publish(app: Flask, data: Any, **kwargs: Any) -> str:
+    with app.app_context():
+        return send_event(data, **kwargs)
+
+
+def test_headers_and_first_bytes(client: FlaskClient) -> None:
+    response = client.get("/stream", buffered=False)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert "Connection" not in response.headers
+    assert "Content-Length" not in response.headers
+    first = next(iter(response.response))
+    assert first == b"retry: 3000\n\n"
+    response.close()
+
+
+def test_head_request_sends_headers_and_subscribes_nothing(app: Flask, client: FlaskClient) -> None:
+    response = client.head("/stream?channel=a")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.data == b""
+    assert connections(app) == 0
+
+
+def test_several_channels_each_event_once_in_order(app: Flask, client: FlaskClient) -> None:
+    with EventReader(client.get("/stream?channel=a&channel=b&channel=a", buffered=False)) as r:
+        publish(app, "1", channel="a")
+        publish(app, "2", channel="c")
+        publish(app, {"n": 3}, channel="b", event="json")
+        publish(app, "4", channel="a")
+        events = r.events(count=3, timeout=5)
+    assert [e.data for e in events] == ["1", '{"n": 3}', "4"]
+    assert events[1].type == "json"
+    assert events[1].json() == {"n": 3}
+
+
+def test_default_channel_both_ways(app: Flask, client: FlaskClient) -> None:
+    with EventReader(client.get("/stream", buffered=False)) as reader:
+        publish(app, "hi")
+        publish(app, "other", channel="elsewhere")
+        events = reader.events(count=1, timeout=5)
+        assert [e.data for e in events] == ["hi"]
+        assert reader.events(count=1, timeout=0.3) == []
+
+
+def test_keepalive_comment_on_a_quiet_stream(client: FlaskClient) -> None:
+    with EventReader(client.get("/stream", buffered=False)) as reader:
+        assert reader.events(timeout=0.7) == []
+        assert reader.parser.comments.count("") >= 2
+
+
+def test_keepalive_off() -> None:
+    app, _ = make_app(SSE_KEEPALIVE=0)
+    with EventReader(app.test_client().get("/stream", buffered=False)) as reader:
+        assert reader.events(timeout=0.5) == []
+        assert reader.parser.comments == []
+
+
+def test_falsy_values_are_sent(app: Flask, client: FlaskClient) -> None:
+    with EventReader(client.get("/stream", buffered=False)) as reader:
+        assert publish(app, "", id=0, retry=0) == "0"
+        publish(app, 0)
+        publish(app, [], event="")
+        events = reader.events(count=3, timeout=5)
+    assert [(e.data, e.id, e.type) for e in events] == [
+        ("", "0", "message"),
+        ("0", events[1].id, "message"),
+        ("[]", events[2].id, "message"),
+    ]
+    assert events[0].retry == 0
+
+
+def test_send_event_returns_ordered_ids(app: Flask) -> None:
+    ids = [publish(app, i) for i in range(3)]
+    epochs = {i.rsplit("-", 1)[0] for i in ids}
+    assert len(epochs) == 1
+    assert [int(i.rsplit("-", 1)[1]) for i in ids] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"event": "a\ndata: x"}, ValueError, "CR, LF or NUL"),
+        ({"id": "7\r"}, ValueError, "CR, LF or NUL"),
+        ({"id": ""}, ValueError, "must not be empty"),
+        ({"retry": True}, TypeError, "retry must be an int"),
+        ({"retry": "5"}, TypeError, "retry must be an int"),
+        ({"retry": -5}, ValueError, ">= 0"),
+        ({"channel": "a b"}, ValueError, "invalid channel"),
+        ({"channel": 5}, TypeError, "channel must be a str"),
+    ],
+)
+def test_bad_send_event_raises_and_sends_nothing(
+    app: Flask, client: FlaskClient, kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with EventReader(client.get("/stream", buffered=False)) as reader, captured_events(app) as sent:
+        with pytest.raises(error, match=match):
+            publish(app, "x", **kwargs)
+        assert reader.events(count=1, timeout=0.3) == []
+    assert sent == []
+
+
+def test_unserializable_data(app: Flask) -> None:
+    with pytest.raises(TypeError, match="object cannot be serialized"):
+        publish(app, object())
+
+
+def test_send_event_outside_app_context() -> None:
+    make_app()
+    with pytest.raises(NotRegisteredError, match="app.app_context"):
+        send_event("x")
+
+
+def test_send_event_without_blueprint() -> None:
+    app = Flask(__name__)
+    with app.app_context(), pytest.raises(NotRegisteredError, match="register_blueprint"):
+        send_event("x")
+
+
+def test_registering_twice_is_refused() -> None:
+    app = Flask(__name__)
+    app.register_blueprint(sse, url_prefix="/stream")
+    with pytest.raises(ConfigurationError, match="already registered"):
+        app.register_blueprint(sse, url_prefix="/other", name="other")
+
+
+def test_the_ready_blueprint_serves_several_apps() -> None:
+    apps = [Flask(f"app{i}") for i in range(2)]
+    for each in apps:
+        each.register_blueprint(sse, url_prefix="/events")
+    assert get_state(apps[0]).bus is not get_state(apps[1]).bus
+    assert apps[0].test_client().head("/events").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"SSE_BUS_URL": "kafka://x"}, "unknown scheme 'kafka'"),
+        ({"SSE_BUS_URL": "nope"}, "must be a URL"),
+        ({"SSE_KEEPALIVE": -1}, "SSE_KEEPALIVE must be a number >= 0"),
+        ({"SSE_QUEUE_SIZE": 0}, "SSE_QUEUE_SIZE must be a whole number >= 1"),
+        ({"SSE_RETRY": 1.5}, "SSE_RETRY"),
+        ({"SSE_DEFAULT_CHANNEL": "a b"}, "SSE_DEFAULT_CHANNEL"),
+    ],
+)
+def test_configuration_errors(config: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        make_app(**config)
+
+
+def test_config_defaults_are_filled_in(app: Flask) -> None:
+    assert app.config["SSE_BUS_URL"] == "memory://"
+    assert app.config["SSE_DEFAULT_CHANNEL"] == "sse"
+    assert app.config["SSE_HISTORY_SIZE"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "match"),
+    [
+        ("channel=a%20b", 400, "invalid channel"),
+        ("channel=" + "x" * 129, 400, "invalid channel"),
+        ("channel=", 400, "invalid channel"),
+        ("channel=%ff%fe", 400, "invalid channel"),
+        ("&".join(["channel=c"] * 300), 400, "too many channels"),
+    ],
+)
+def test_bad_channels_get_400(
+    app: Flask, client: FlaskClient, query: str, status: int, match: str
+) -> None:
+    response = client.get(f"/stream?{query}")
+    assert response.status_code == status
+    assert match in response.get_data(as_text=True)
+    assert connections(app) == 0
+
+
+def test_closed_streams_leave_the_bus(app: Flask, client: FlaskClient) -> None:
+    for _ in range(50):
+        response = client.get("/stream?channel=a&channel=b", buffered=False)
+        next(iter(response.response))
+        response.close()
+    never_read = client.get("/stream", buffered=False)
+    assert connections(app) == 1
+    never_read.close()
+    assert connections(app) == 0
+    assert get_state(app).bus.channel_counts() == {}
+
+
+def test_publish_from_many_threads(app: Flask, client: FlaskClient) -> None:
+    def worker(n: int) -> None:
+        for i in range(25):
+            publish(app, f"{n}:{i}")
+
+    with EventReader(client.get("/stream", buffered=False)) as reader:
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        events = reader.events(count=100, timeout=10)
+    assert sorted(e.data for e in events) == sorted(f"{n}:{i}" for n in range(4) for i in range(25))
+    seqs = [int(e.id.rsplit("-", 1)[1]) for e in events]
+    assert seqs == sorted(seqs)
+
+
+def test_on_connect_events_go_to_the_new_connection_only() -> None:
+    app, blueprint = make_app()
+
+    @blueprint.on_connect
+    def state(channels: frozenset[str]) -> Iterator[Any]:
+        yield Event({"channels": sorted(channels)}, event="state")
+        yield "plain"
+
+    client = app.test_client()
+    with EventReader(client.get("/stream?channel=x", buffered=False)) as first:
+        assert [e.type for e in first.events(count=2)] == ["state", "message"]
+        with EventReader(client.get("/stream?channel=y", buffered=False)) as second:
+            assert second.events(count=1)[0].json() == {"channels": ["y"]}
+        assert first.events(count=1, timeout=0.3) == []
+
+
+def test_authorize_hook_denies_with_403_before_subscribing() -> None:
+    app, blueprint = make_app()
+    asked: list[str] = []
+
+    @blueprint.authorize
+    def can_read(channel: str) -> bool:
+        asked.append(channel)
+        return not channel.startswith("private")
+
+    client = app.test_client()
+    response = client.get("/stream?channel=news&channel=private-1")
+    assert response.status_code == 403
+    assert "private-1" in response.get_data(as_text=True)
+    assert asked == ["news", "private-1"]
+    assert connections(app) == 0
+    with EventReader(client.get("/stream?channel=news", buffered=False)) as reader:
+        publish(app, "ok", channel="news")
+        assert [e.data for e in reader.events(count=1)] == ["ok"]
+
+
+def test_end_streams_of_a_channel_or_user() -> None:
+    app, blueprint = make_app()
+
+    @blueprint.identify
+    def who() -> str:
+        from flask import request
+
+        return request.args.get("user", "anon")
+
+    client = app.test_client()
+    with (
+        EventReader(client.get("/stream?channel=a&user=ann", buffered=False)) as ann,
+        EventReader(client.get("/stream?channel=b&user=bob", buffered=False)) as bob,
+    ):
+        with app.app_context():
+            assert end_streams(user="ann") == 1
+            with pytest.raises(ValueError, match="needs channel"):
+                end_streams()
+        ann.events(timeout=2)
+        assert ann.ended
+        assert "revoked" in " ".join(ann.parser.comments)
+        publish(app, "still here", channel="b")
+        assert [e.data for e in bob.events(count=1)] == ["still here"]
+        with app.app_context():
+            assert end_streams(channel="b") == 1
+        bob.events(timeout=2)
+        assert bob.ended
+    assert connections(app) == 0
+
+
+def test_connection_limit_answers_200_with_retry_and_ends() -> None:
+    app, _ = make_app(SSE_MAX_CONNECTIONS=2)
+    client = app.test_client()
+    with (
+        EventReader(client.get("/stream", buffered=False)),
+        EventReader(client.get("/stream", buffered=False)),
+    ):
+        response = client.get("/stream")
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        body = response.get_data()
+        assert body.startswith(b"retry: ")
+        assert 3000 <= int(body.split(b"\n")[0].split(b": ")[1]) <= 8000
+        assert b"too many connections" in body
+    assert connections(app) == 0
+
+
+def test_read_events_helper_bounds_time(app: Flask, client: FlaskClient) -> None:
+    events = read_events(client.get("/stream", buffered=False), count=1, timeout=0.3)
+    assert events == []
+    assert connections(app) == 0
