@@ -22,8 +22,9 @@ connection_opened = _signals.signal(
 )
 connection_closed = _signals.signal(
     "connection-closed",
-    doc="A stream ended. Keyword arguments: ``channels`` and ``reason`` (``'closed'`` when the "
-    "client went away or the server closed it, else ``'slow'``, ``'shutdown'``, ``'revoked'`` or ``'lifetime'``).",
+    doc="A stream ended. Keyword arguments: ``channels`` and ``reason``: ``'closed'`` when "
+    "the client went away or the server closed it, else ``'slow'``, ``'shutdown'``, "
+    "``'revoked'`` or ``'lifetime'``.",
 )
 event_published = _signals.signal(
     "event-published",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Generator, Iterator
 
@@ -53,10 +54,9 @@ class EventStream:
         iteration wakes up and ends.
         """
         self.sub.end(CLOSED)
-        try:
+        # "generator already executing" in another thread: woken by end(), it ends by itself.
+        with contextlib.suppress(ValueError):
             self._events.close()
-        except ValueError:
-            pass  # "generator already executing" in another thread: it ends by itself now.
         self._finish()
 
     def _finish(self) -> None:

@@ -156,7 +156,7 @@ def test_unserializable_data(app: Flask) -> None:
 
 def test_send_event_outside_app_context() -> None:
     make_app()
-    with pytest.raises(NotRegisteredError, match="app.app_context"):
+    with pytest.raises(NotRegisteredError, match=r"app\.app_context"):
         send_event("x")
 
 
