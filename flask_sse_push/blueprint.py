@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from flask.sansio.app import App
 from flask.sansio.blueprints import BlueprintSetupState
 
@@ -67,6 +67,7 @@ class SSEBlueprint(Blueprint):
         self._identify: IdentifyHook | None = None
         self._on_connect: list[ConnectHook] = []
         self.add_url_rule("", "stream", self.stream_view, methods=["GET"])
+        self.add_url_rule("/stats", "stats", self.stats_view, methods=["GET"])
         self.record(self._setup)
 
     def register(self, app: App, options: dict[str, Any]) -> None:
@@ -179,6 +180,13 @@ class SSEBlueprint(Blueprint):
             on_close=closed,
         )
         return Response(stream, 200, headers, content_type=_CONTENT_TYPE, direct_passthrough=True)
+
+    def stats_view(self) -> Response:
+        """Open streams of the answering process, per channel, as JSON (when ``SSE_STATS``)."""
+        state = get_state()
+        if not state.settings.stats:
+            return _plain(404, "stats are off; set SSE_STATS = True to serve them")
+        return jsonify(state.stats())
 
     def _head(
         self,

@@ -34,6 +34,9 @@ SSE_MAX_LIFETIME = "SSE_MAX_LIFETIME"
 #: Seconds ``send_event`` may wait for a remote bus before it raises.
 SSE_PUBLISH_TIMEOUT = "SSE_PUBLISH_TIMEOUT"
 
+#: Serve ``GET <prefix>/stats`` (open streams per channel of the answering process, as JSON).
+SSE_STATS = "SSE_STATS"
+
 DEFAULTS: Mapping[str, Any] = {
     SSE_KEEPALIVE: 15.0,
     SSE_QUEUE_SIZE: 512,
@@ -45,6 +48,7 @@ DEFAULTS: Mapping[str, Any] = {
     SSE_MAX_CHANNELS: 32,
     SSE_MAX_LIFETIME: 0.0,
     SSE_PUBLISH_TIMEOUT: 5.0,
+    SSE_STATS: False,
 }
 
 #: Channel names: 1 to 128 characters out of letters, digits and ``_-.:@/``.
@@ -77,6 +81,7 @@ class Settings:
     :param max_channels: channels one connection may follow.
     :param max_lifetime: seconds before a stream is ended for reconnection, ``0`` for never.
     :param publish_timeout: seconds a publish may wait on a remote bus.
+    :param stats: whether ``<prefix>/stats`` is served.
     """
 
     keepalive: float
@@ -89,6 +94,7 @@ class Settings:
     max_channels: int
     max_lifetime: float
     publish_timeout: float
+    stats: bool
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -124,4 +130,5 @@ class Settings:
             publish_timeout=float(
                 _number(config, SSE_PUBLISH_TIMEOUT, minimum=0.001, integer=False)
             ),
+            stats=bool(config[SSE_STATS]),
         )

@@ -65,6 +65,15 @@ class SSEState:
                     SSE_BUS_URL,
                 )
 
+    def stats(self) -> dict[str, Any]:
+        """Open streams of this process: ``pid``, ``connections``, ``channels``, ``bus``."""
+        return {
+            "pid": os.getpid(),
+            "bus": self.settings.bus_url.split("://", 1)[0],
+            "connections": self.bus.connection_count(),
+            "channels": self.bus.channel_counts(),
+        }
+
     def publish(
         self,
         app: Flask,

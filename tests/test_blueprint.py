@@ -338,3 +338,22 @@ def test_read_events_helper_bounds_time(app: Flask, client: FlaskClient) -> None
     events = read_events(client.get("/stream", buffered=False), count=1, timeout=0.3)
     assert events == []
     assert connections(app) == 0
+
+
+def test_stats_endpoint_is_off_by_default(client: FlaskClient) -> None:
+    response = client.get("/stream/stats")
+    assert response.status_code == 404
+    assert "SSE_STATS" in response.get_data(as_text=True)
+
+
+def test_stats_endpoint_counts_streams_per_channel() -> None:
+    app, _ = make_app(SSE_STATS=True)
+    client = app.test_client()
+    with EventReader(client.get("/stream?channel=a&channel=b", buffered=False)), EventReader(
+        client.get("/stream?channel=a", buffered=False)
+    ):
+        stats = client.get("/stream/stats").get_json()
+        assert stats["connections"] == 2
+        assert stats["channels"] == {"a": 2, "b": 1}
+        assert stats["bus"] == "memory"
+    assert client.get("/stream/stats").get_json()["connections"] == 0
