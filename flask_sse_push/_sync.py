@@ -57,3 +57,10 @@ def spawn(target: Any, *args: Any, name: str) -> Any:
     thread = threading.Thread(target=target, args=args, name=name, daemon=True)
     thread.start()
     return thread
+
+
+def cooperate() -> None:
+    """Under gevent, let every greenlet that is ready run before this one goes on."""
+    import gevent
+
+    gevent.sleep(0)

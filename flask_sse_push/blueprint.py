@@ -10,9 +10,9 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from flask.sansio.app import App
 from flask.sansio.blueprints import BlueprintSetupState
 
-from . import signals
+from . import lifecycle, signals
 from .bus.base import Reset, Subscription
-from .encoding import Event, comment, encode_event, retry_block
+from .encoding import Event, comment, encode_event, retry_line
 from .errors import ConfigurationError
 from .state import EXTENSION_KEY, SSEState, check_channel, get_state
 from .stream import EventStream
@@ -149,11 +149,10 @@ class SSEBlueprint(Blueprint):
             return Response(b"", 200, headers, content_type=_CONTENT_TYPE)
         state.check_process()
         bus = state.bus
+        if lifecycle.stopping():
+            return self._come_back_later(settings.retry, headers, "server shutting down")
         if bus.connection_count() >= settings.max_connections:
-            # Not 503/429/204: on those a browser stops reconnecting for good.
-            delay = (settings.retry or 3000) + random.randint(0, 5000)
-            body = retry_block(delay) + comment(" too many connections, retry later")
-            return Response(body, 200, headers, content_type=_CONTENT_TYPE)
+            return self._come_back_later(settings.retry, headers, "too many connections")
 
         last_event_id = request.headers.get("Last-Event-ID") or request.args.get("lastEventId")
         if last_event_id is not None and len(last_event_id) > MAX_LAST_EVENT_ID:
@@ -181,6 +180,14 @@ class SSEBlueprint(Blueprint):
         )
         return Response(stream, 200, headers, content_type=_CONTENT_TYPE, direct_passthrough=True)
 
+    @staticmethod
+    def _come_back_later(retry: int | None, headers: dict[str, str], why: str) -> Response:
+        # 200 with a retry hint, never 503/429/204: on those a browser stops reconnecting
+        # for good. The random part spreads the reconnections.
+        delay = (retry or 3000) + random.randint(0, 5000)
+        body = retry_line(delay) + comment(f" {why}, retry later")
+        return Response(body, 200, headers, content_type=_CONTENT_TYPE)
+
     def stats_view(self) -> Response:
         """Open streams of the answering process, per channel, as JSON (when ``SSE_STATS``)."""
         state = get_state()
@@ -199,7 +206,7 @@ class SSEBlueprint(Blueprint):
     ) -> bytes:
         dumps = app.json.dumps
         retry = state.settings.retry
-        parts = [retry_block(retry) if retry is not None else comment(" ok")]
+        parts = [retry_line(retry) if retry is not None else comment(" ok")]
         if reset is not None:
             notice = {"reason": reset.reason, "lastEventId": last_event_id}
             parts.append(encode_event(Event(notice, RESET_EVENT), dumps, reset.head_id))

@@ -19,8 +19,10 @@ _FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\x00]")
 #: The longest ``event`` or ``id`` value accepted.
 MAX_FIELD_LENGTH = 256
 
-#: A keep-alive: a comment line plus the blank line that ends the block.
-KEEPALIVE = b":\n\n"
+#: A keep-alive: one comment line. No blank line follows it: a blank line after an event
+#: with an id makes some clients (httpx-sse) report an empty event, while a lone comment
+#: line between blocks touches nothing in any conforming parser.
+KEEPALIVE = b":\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +150,12 @@ def encode_event(event: Event, dumps: Callable[[Any], str], event_id: str | None
 
 
 def comment(text: str = "") -> bytes:
-    """Encode a comment block; every line of *text* becomes its own comment line."""
+    """Encode comment lines (every line of *text* becomes one); no blank line follows."""
     lines = _LINE_BREAK.split(text)
-    return "".join(f":{line}\n" for line in lines).encode("utf-8") + b"\n"
+    return "".join(f":{line}\n" for line in lines).encode("utf-8")
 
 
-def retry_block(milliseconds: int) -> bytes:
-    """Encode a block that sets only the reconnection delay and dispatches nothing."""
-    return f"retry: {milliseconds}\n\n".encode("ascii")
+def retry_line(milliseconds: int) -> bytes:
+    """Encode a ``retry:`` line. A browser applies it when it reads the line; no blank line
+    follows, so it dispatches nothing of its own (it joins the next event's block)."""
+    return f"retry: {milliseconds}\n".encode("ascii")

@@ -42,8 +42,13 @@ def _watch(worker: Any) -> None:
     while worker.alive:
         gevent.sleep(SHUTDOWN_POLL)
     ended = end_all_streams()
-    if ended:
-        log.info("flask-sse-push: worker %s ended %d streams for shutdown", worker.pid, ended)
+    log.info("flask-sse-push: worker %s ended %d streams for shutdown", worker.pid, ended)
+    # gunicorn goes on accepting for up to a second after it was told to stop; a stream
+    # that slips in then is answered with a retry hint by the view, and ended here at the
+    # latest, until the process exits.
+    while True:
+        gevent.sleep(SHUTDOWN_POLL)
+        end_all_streams()
 
 
 def _check_limits(worker: Any) -> None:

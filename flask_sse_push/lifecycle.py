@@ -15,6 +15,7 @@ from .bus.base import SHUTDOWN, Bus
 log = logging.getLogger("flask_sse_push")
 
 _buses: weakref.WeakSet[Bus] = weakref.WeakSet()
+_stopping: list[int] = []
 
 
 def track(bus: Bus) -> None:
@@ -26,8 +27,24 @@ def end_all_streams(reason: str = SHUTDOWN) -> int:
     """End every open stream of every app in this process, so that a server that is shutting
     down or reloading can exit at once; clients reconnect by themselves. Returns how many
     streams were ended.
+
+    With the default *reason* the process also counts as stopping from then on (see
+    :func:`stopping`): streams that still arrive are told to come back later at once.
     """
+    if reason == SHUTDOWN:
+        mark_stopping()
     return sum(bus.end_streams(reason) for bus in list(_buses))
+
+
+def mark_stopping() -> None:
+    """Note that this process is shutting down."""
+    if not stopping():
+        _stopping.append(os.getpid())
+
+
+def stopping() -> bool:
+    """Whether this process is shutting down (a forked child does not inherit it)."""
+    return os.getpid() in _stopping
 
 
 def sibling_workers() -> int:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app, has_app_context
 
-from . import lifecycle, signals
+from . import _sync, lifecycle, signals
 from .bus import Bus, create_bus
 from .bus.base import REVOKED, Subscription
 from .config import CHANNEL_RE, DEFAULTS, SSE_BUS_URL, Settings
@@ -94,6 +94,10 @@ class SSEState:
             retry = check_retry(retry)
         body = encode_body(data_text(data, app.json.dumps), kind, retry)
         event_id = self.bus.publish(channel, body, event_id)
+        if _sync.gevent_active():
+            # Let the streams write what was queued before this greenlet goes on: a tight
+            # loop of publishes would otherwise fill every queue before any stream ran.
+            _sync.cooperate()
         if signals.event_published.receivers:
             signals.event_published.send(app, channel=channel, id=event_id, data=data, event=kind)
         return event_id

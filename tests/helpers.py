@@ -610,7 +610,13 @@ class StreamClosedError(TimeoutError):
 
     Subclasses :class:`TimeoutError` because, to a caller waiting for data,
     it means the same thing: the data did not arrive.
+
+    :ivar body: The decoded body received before the end.
     """
+
+    def __init__(self, message: str, body: bytes = b"") -> None:
+        super().__init__(message)
+        self.body = body
 
 
 class _ChunkedDecoder:
@@ -834,7 +840,7 @@ class RawResponse:
                 return self.body
             if self.complete or self.eof:
                 raise StreamClosedError(
-                    f"body ended before the condition was met; body={self.body!r}"
+                    f"body ended before the condition was met; body={self.body!r}", self.body
                 )
             data = self._recv(deadline)
             if data is None:

@@ -59,7 +59,7 @@ def test_headers_and_first_bytes(client: FlaskClient) -> None:
     assert "Connection" not in response.headers
     assert "Content-Length" not in response.headers
     first = next(iter(response.response))
-    assert first == b"retry: 3000\n\n"
+    assert first == b"retry: 3000\n"
     response.close()
 
 
@@ -96,6 +96,7 @@ def test_keepalive_comment_on_a_quiet_stream(client: FlaskClient) -> None:
     with EventReader(client.get("/stream", buffered=False)) as reader:
         assert reader.events(timeout=0.7) == []
         assert reader.parser.comments.count("") >= 2
+        assert reader.parser.retry == 3000
 
 
 def test_keepalive_off() -> None:
@@ -349,8 +350,9 @@ def test_stats_endpoint_is_off_by_default(client: FlaskClient) -> None:
 def test_stats_endpoint_counts_streams_per_channel() -> None:
     app, _ = make_app(SSE_STATS=True)
     client = app.test_client()
-    with EventReader(client.get("/stream?channel=a&channel=b", buffered=False)), EventReader(
-        client.get("/stream?channel=a", buffered=False)
+    with (
+        EventReader(client.get("/stream?channel=a&channel=b", buffered=False)),
+        EventReader(client.get("/stream?channel=a", buffered=False)),
     ):
         stats = client.get("/stream/stats").get_json()
         assert stats["connections"] == 2

@@ -10,6 +10,7 @@ import pytest
 from sseparse import parse_all
 
 from flask_sse_push.encoding import (
+    KEEPALIVE,
     Event,
     check_field,
     check_id,
@@ -18,7 +19,7 @@ from flask_sse_push.encoding import (
     data_text,
     encode_body,
     encode_event,
-    retry_block,
+    retry_line,
     with_id,
 )
 
@@ -131,11 +132,19 @@ def test_unserializable_data_raises_type_error_naming_the_type() -> None:
         data_text(datetime(2020, 1, 1), dumps)
 
 
-def test_comments_and_retry_blocks_dispatch_nothing() -> None:
-    assert comment("hi") == b":hi\n\n"
-    assert comment("a\nb") == b":a\n:b\n\n"
-    assert parse_all(comment("a\nb") + retry_block(1500)) == []
-    assert retry_block(1500) == b"retry: 1500\n\n"
+def test_comments_and_retry_lines_dispatch_nothing() -> None:
+    assert comment("hi") == b":hi\n"
+    assert comment("a\nb") == b":a\n:b\n"
+    assert retry_line(1500) == b"retry: 1500\n"
+    stream = comment("a\nb") + retry_line(1500) + b"\n" + KEEPALIVE + b"\n"
+    assert parse_all(stream) == []
+
+
+def test_keepalive_and_retry_between_events_change_nothing() -> None:
+    first = encode_event(Event("1", id="a"), dumps)
+    second = encode_event(Event("2"), dumps)
+    events = parse_all(retry_line(10) + first + KEEPALIVE + KEEPALIVE + second)
+    assert [(e.data, e.last_event_id, e.retry) for e in events] == [("1", "a", 10), ("2", "a", 10)]
 
 
 def test_utf8_is_encoded_once_and_round_trips() -> None:

@@ -1,0 +1,63 @@
+"""The app the end-to-end tests serve under gunicorn (and Flask's development server).
+
+``SSE_*`` environment variables override the app's config; their values are JSON
+(``SSE_KEEPALIVE=0.2``, ``SSE_BUS_URL='"redis://..."'``) or plain strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from flask import Flask, jsonify, request
+from werkzeug.wrappers import Response
+
+from flask_sse_push import send_event, sse
+
+
+def _env_config() -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for key, value in os.environ.items():
+        if key.startswith("SSE_"):
+            try:
+                config[key] = json.loads(value)
+            except ValueError:
+                config[key] = value
+    return config
+
+
+app = Flask(__name__)
+app.config.update({"SSE_STATS": True, **_env_config()})
+app.register_blueprint(sse, url_prefix="/stream")
+
+
+@app.get("/health")
+def health() -> Response:
+    """Answer once the app is loaded."""
+    return jsonify(pid=os.getpid())
+
+
+@app.post("/publish")
+def publish() -> tuple[Response, int]:
+    """Publish the JSON body's ``data`` with its ``event``, ``id``, ``retry``, ``channel``."""
+    body = request.get_json(force=True)
+    kwargs = {k: body[k] for k in ("event", "id", "retry", "channel") if k in body}
+    try:
+        event_id = send_event(body.get("data"), **kwargs)
+    except (TypeError, ValueError) as exc:
+        return jsonify(error=str(exc), kind=type(exc).__name__), 400
+    return jsonify(id=event_id, pid=os.getpid()), 200
+
+
+@app.post("/publish-many")
+def publish_many() -> tuple[Response, int]:
+    """Publish ``n`` events of ``size`` bytes to ``channel`` as fast as possible."""
+    n = int(request.args.get("n", "100"))
+    size = int(request.args.get("size", "10"))
+    channel = request.args.get("channel", "sse")
+    started = time.perf_counter()
+    ids = [send_event(f"{i}:" + "x" * size, channel=channel) for i in range(n)]
+    elapsed = time.perf_counter() - started
+    return jsonify(first=ids[0], last=ids[-1], seconds=elapsed, pid=os.getpid()), 200

@@ -1,0 +1,187 @@
+"""Shared pieces of the end-to-end tests: serving the test app and talking to it."""
+
+from __future__ import annotations
+
+import json
+import resource
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import requests
+from helpers import GunicornFactory, GunicornServer, StreamClosedError, raw_sse, wait_for
+from sseparse import ParsedEvent, SSEParser
+
+APP = "apps.streaming:app"
+CONF = "python:flask_sse_push.gunicorn_conf"
+
+
+def serve(
+    gunicorn: GunicornFactory, *, workers: int = 1, env: dict[str, str] | None = None, **sse: Any
+) -> GunicornServer:
+    """Serve the test app under ``gunicorn -k gevent`` with the package's gunicorn config;
+    keyword arguments are ``SSE_*`` settings. Returns once the app answers."""
+    full_env = {key: json.dumps(value) for key, value in sse.items()}
+    full_env.update(env or {})
+    server = gunicorn(APP, workers=workers, env=full_env, config=CONF)
+
+    def healthy() -> bool:
+        try:
+            return requests.get(server.url + "/health", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    if not wait_for(healthy, 20):
+        raise RuntimeError(f"app did not answer; log:\n{server.log_text()}")
+    return server
+
+
+def publish(url: str, data: Any, **kwargs: Any) -> str:
+    """Publish through the test app's ``/publish`` route; return the event id."""
+    response = requests.post(url + "/publish", json={"data": data, **kwargs}, timeout=10)
+    assert response.status_code == 200, response.text
+    event_id: str = response.json()["id"]
+    return event_id
+
+
+def stats(url: str) -> dict[str, Any]:
+    """The answering worker's stream counts."""
+    result: dict[str, Any] = requests.get(url + "/stream/stats", timeout=5).json()
+    return result
+
+
+def read_events(url: str, path: str, count: int, timeout: float = 10, **headers: str) -> Any:
+    """Open a raw stream and return its first *count* parsed events and the response."""
+    response = raw_sse(url, path, headers=headers or None, timeout=timeout)
+    events = Collector()
+    response.read_body_until(events.at_least(count), timeout)
+    return events.events, response
+
+
+class Collector:
+    """Parses a growing body incrementally (re-parsing it whole on every read is quadratic)."""
+
+    def __init__(self) -> None:
+        self.parser = SSEParser()
+        self.events: list[ParsedEvent] = []
+        self._seen = 0
+
+    def update(self, body: bytes) -> int:
+        """Parse what *body* holds beyond what was seen; return the number of events."""
+        self.events.extend(self.parser.feed(body[self._seen :]))
+        self._seen = len(body)
+        return len(self.events)
+
+    def at_least(self, count: int) -> Callable[[bytes], bool]:
+        """A predicate for ``read_body_until``: *count* events were parsed."""
+        return lambda body: self.update(body) >= count
+
+
+def reconnecting_read(
+    url: str, path: str, count: int, last_event_id: str | None = None, timeout: float = 20
+) -> list[ParsedEvent]:
+    """Read *count* events the way a browser does: when the stream ends, reconnect with the
+    last event id seen so far, until *count* events came or *timeout* passed."""
+    deadline = time.monotonic() + timeout
+    events: list[ParsedEvent] = []
+    for _ in range(100):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else None
+        collector = Collector()
+        try:
+            with raw_sse(url, path, headers=headers, timeout=left) as response:
+                response.read_body_until(collector.at_least(count - len(events)), left)
+        except StreamClosedError as closed:
+            collector.update(closed.body)
+        except (TimeoutError, OSError):
+            break
+        got = collector.events
+        events.extend(got)
+        if got and got[-1].last_event_id:
+            last_event_id = got[-1].last_event_id
+        if len(events) >= count:
+            break
+        time.sleep(0.1)
+    return events
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Raise this process's open-file soft limit to at least *needed* (up to the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
+
+
+class ManyStreams:
+    """Many raw stream connections driven by one selector, for load and shutdown tests.
+
+    :param port: the server's port on 127.0.0.1.
+    :param path: the request target.
+    :param count: how many connections.
+    """
+
+    def __init__(self, port: int, path: str, count: int) -> None:
+        raise_fd_limit(count + 256)
+        self.selector = selectors.DefaultSelector()
+        self.received: dict[socket.socket, bytearray] = {}
+        self.closed: set[socket.socket] = set()
+        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(request.encode())
+            sock.setblocking(False)
+            self.received[sock] = bytearray()
+            self.selector.register(sock, selectors.EVENT_READ)
+
+    def pump(self, until: Any, timeout: float) -> bool:
+        """Read whatever arrives until ``until(self)`` is true or *timeout* passes."""
+        deadline = time.monotonic() + timeout
+        while not until(self):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for key, _ in self.selector.select(min(left, 0.5)):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    self.received[sock] += data
+                else:
+                    self.selector.unregister(sock)
+                    self.closed.add(sock)
+        return True
+
+    def all_have(self, marker: bytes) -> bool:
+        """Whether every connection received *marker*."""
+        return all(marker in data for data in self.received.values())
+
+    def close(self) -> None:
+        """Close every connection."""
+        for sock in self.received:
+            if sock not in self.closed:
+                self.selector.unregister(sock)
+            sock.close()
+        self.selector.close()
+
+
+def dechunk(raw: bytes) -> bytes:
+    """The body of a raw HTTP/1.1 response with chunked transfer encoding."""
+    rest = raw.split(b"\r\n\r\n", 1)[1]
+    body = bytearray()
+    for _ in range(len(rest) + 1):
+        size_line, _, rest = rest.partition(b"\r\n")
+        if not size_line:
+            break
+        size = int(size_line, 16)
+        body += rest[:size]
+        rest = rest[size + 2 :]
+    return bytes(body)
