@@ -60,7 +60,18 @@ def check_field(name: str, value: object) -> str:
         )
     if len(value) > MAX_FIELD_LENGTH:
         raise ValueError(f"{name} must be at most {MAX_FIELD_LENGTH} characters long")
+    _check_utf8(name, value)
     return value
+
+
+def _check_utf8(name: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{name} is not valid Unicode text (it holds a lone surrogate at position "
+            f"{exc.start}), so it cannot be sent as UTF-8"
+        ) from None
 
 
 def check_id(value: object) -> str:
@@ -99,8 +110,10 @@ def data_text(data: object, dumps: Callable[[Any], str]) -> str:
     """Return the text of *data*: a ``str`` as is, anything else through *dumps* (JSON).
 
     :raises TypeError: when *dumps* cannot serialize *data*.
+    :raises ValueError: when a ``str`` holds a lone surrogate (it has no UTF-8 form).
     """
     if isinstance(data, str):
+        _check_utf8("data", data)
         return data
     try:
         return dumps(data)

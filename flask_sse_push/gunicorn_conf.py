@@ -22,7 +22,7 @@ from typing import Any
 
 from flask import Flask
 
-from .config import SSE_MAX_CONNECTIONS
+from .config import SSE_BUS_URL, SSE_MAX_CONNECTIONS
 from .lifecycle import end_all_streams, log
 from .state import EXTENSION_KEY
 
@@ -55,7 +55,18 @@ def _check_limits(worker: Any) -> None:
     app = worker.wsgi
     if not isinstance(app, Flask) or EXTENSION_KEY not in app.extensions:
         return
-    limit = app.extensions[EXTENSION_KEY].settings.max_connections
+    settings = app.extensions[EXTENSION_KEY].settings
+    workers = getattr(worker.cfg, "workers", 1)
+    if workers > 1 and settings.bus_url.startswith("memory:"):
+        log.warning(
+            "flask-sse-push: %d gunicorn workers share the in-process bus (%s = 'memory://'): "
+            "an event sent in one worker reaches only that worker's clients. Run one worker, "
+            "or set %s to a redis:// URL.",
+            workers,
+            SSE_BUS_URL,
+            SSE_BUS_URL,
+        )
+    limit = settings.max_connections
     slots = getattr(worker, "worker_connections", None)
     if isinstance(slots, int) and slots <= limit:
         log.warning(

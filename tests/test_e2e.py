@@ -241,3 +241,13 @@ def test_stalled_reader_does_not_hold_back_anyone_and_catches_up(
     numbers = [str(i) for i in range(total)]
     assert [e.data.split(":")[0] for e in got + resumed] == numbers
     assert [e.data.split(":")[0] for e in parse_all(dechunk(bytes(fast_raw)))] == numbers
+
+
+def test_several_workers_on_the_memory_bus_warn(gunicorn: GunicornFactory) -> None:
+    server = serve(gunicorn, workers=2)
+    assert wait_for(lambda: server.log_text().count("2 gunicorn workers share") == 2, 10)
+
+
+def test_worker_connections_below_the_stream_limit_warn(gunicorn: GunicornFactory) -> None:
+    server = serve(gunicorn, env={"SSE_WORKER_CONNECTIONS": "500"}, SSE_MAX_CONNECTIONS=1000)
+    assert wait_for(lambda: "worker_connections (500) is not above" in server.log_text(), 10)

@@ -1,0 +1,70 @@
+"""The same app under Flask's threaded development server (``flask run``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import requests
+from e2e import publish, stats
+from helpers import free_port, wait_for
+from httpx_sse import connect_sse
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def dev_server(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(TESTS), SSE_KEEPALIVE="0.2")
+    log = (tmp_path / "flask.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "apps.streaming", "run", "--port", str(port)],
+        cwd=TESTS,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return requests.get(url + "/health", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        assert wait_for(up, 20), (tmp_path / "flask.log").read_text()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_threaded_dev_server_streams_and_cleans_up(dev_server: str) -> None:
+    url = dev_server + "/stream?channel=a&channel=b"
+    with httpx.Client(timeout=10) as client, connect_sse(client, "GET", url) as source:
+        assert source.response.headers["content-type"] == "text/event-stream; charset=utf-8"
+        first = publish(dev_server, {"n": 1}, channel="a")
+        publish(dev_server, "two", channel="b", event="word")
+        events = []
+        for event in source.iter_sse():
+            events.append(event)
+            if len(events) == 2:
+                break
+        assert stats(dev_server)["connections"] == 1
+    assert [(e.event, e.data) for e in events] == [("message", '{"n": 1}'), ("word", "two")]
+    assert events[0].id == first
+    # The closed client is noticed at the next keep-alive write at the latest.
+    assert wait_for(lambda: stats(dev_server)["connections"] == 0, 10)
