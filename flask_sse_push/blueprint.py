@@ -11,7 +11,7 @@ from flask.sansio.app import App
 from flask.sansio.blueprints import BlueprintSetupState
 
 from . import lifecycle, signals
-from .bus.base import Reset, Subscription
+from .bus.base import Resume, Subscription
 from .encoding import Event, comment, encode_event, retry_line
 from .errors import ConfigurationError
 from .state import EXTENSION_KEY, SSEState, check_channel, get_state
@@ -160,8 +160,20 @@ class SSEBlueprint(Blueprint):
         user = self._identify() if self._identify is not None else None
         sub = Subscription(channels, settings.queue_size, user)
         resume = bus.subscribe(sub, last_event_id)
+        dumps = app.json.dumps
+        retry = state.settings.retry
+        head = retry_line(retry) if retry is not None else comment(" ok")
+        catch_up: Callable[[], bytes] | None = None
         try:
-            head = self._head(app, state, sub, resume.replay, resume.reset, last_event_id)
+            initial = self._initial(sub, dumps)
+            if resume.pending is None:
+                head += _render(resume, last_event_id, dumps) + initial
+            else:
+                pending = resume.pending
+
+                def catch_up() -> bytes:
+                    return _render(pending(), last_event_id, dumps) + initial
+
         except BaseException:
             bus.unsubscribe(sub)
             raise
@@ -174,6 +186,7 @@ class SSEBlueprint(Blueprint):
             sub,
             bus,
             head,
+            catch_up=catch_up,
             keepalive=settings.keepalive,
             max_lifetime=settings.max_lifetime,
             on_close=closed,
@@ -195,27 +208,21 @@ class SSEBlueprint(Blueprint):
             return _plain(404, "stats are off; set SSE_STATS = True to serve them")
         return jsonify(state.stats())
 
-    def _head(
-        self,
-        app: Flask,
-        state: SSEState,
-        sub: Subscription,
-        replay: list[bytes],
-        reset: Reset | None,
-        last_event_id: str | None,
-    ) -> bytes:
-        dumps = app.json.dumps
-        retry = state.settings.retry
-        parts = [retry_line(retry) if retry is not None else comment(" ok")]
-        if reset is not None:
-            notice = {"reason": reset.reason, "lastEventId": last_event_id}
-            parts.append(encode_event(Event(notice, RESET_EVENT), dumps, reset.head_id))
-        parts.extend(replay)
+    def _initial(self, sub: Subscription, dumps: Callable[[Any], str]) -> bytes:
+        parts = []
         for hook in self._on_connect:
             for item in hook(sub.channels) or ():
                 event = item if isinstance(item, Event) else Event(item)
                 parts.append(encode_event(event, dumps))
         return b"".join(parts)
+
+
+def _render(resume: Resume, last_event_id: str | None, dumps: Callable[[Any], str]) -> bytes:
+    """The replay, or the reset event, as bytes."""
+    if resume.reset is not None:
+        notice = {"reason": resume.reset.reason, "lastEventId": last_event_id}
+        return encode_event(Event(notice, RESET_EVENT), dumps, resume.reset.head_id)
+    return b"".join(resume.replay)
 
 
 #: The ready blueprint: ``app.register_blueprint(sse, url_prefix="/stream")``.

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Generator, Iterator
 
 from .bus.base import CLOSED, LIFETIME, Bus, Subscription
 from .encoding import KEEPALIVE, comment
+from .errors import BusError
+
+#: Longest pause, in seconds, between attempts to fetch a replay from an unreachable bus.
+RETRY_CAP = 2.0
 
 
 class EventStream:
@@ -22,7 +27,10 @@ class EventStream:
 
     :param sub: the connection's subscription, already on the bus.
     :param bus: the bus to leave at the end.
-    :param head: bytes written before any live event (retry hint, replay, initial state).
+    :param head: bytes written at once (retry hint, and replay and initial state when known).
+    :param catch_up: when set, returns bytes to write after *head* and before any live event
+        (replay from a remote bus, then initial state); it is called again, with keep-alives
+        in between, while it raises :class:`~flask_sse_push.BusError`.
     :param keepalive: seconds between keep-alive comments.
     :param max_lifetime: seconds before the stream ends for a reconnection, ``0`` for never.
     :param on_close: called once with *sub* when the stream is over.
@@ -34,6 +42,7 @@ class EventStream:
         bus: Bus,
         head: bytes,
         *,
+        catch_up: Callable[[], bytes] | None = None,
         keepalive: float,
         max_lifetime: float = 0.0,
         on_close: Callable[[Subscription], None] | None = None,
@@ -42,6 +51,7 @@ class EventStream:
         self._bus = bus
         self._on_close = on_close
         self._finished = False
+        self._catch_up = catch_up
         self._events = self._run(head, keepalive or None, max_lifetime)
 
     def __iter__(self) -> Iterator[bytes]:
@@ -74,6 +84,11 @@ class EventStream:
         deadline = time.monotonic() + max_lifetime if max_lifetime else None
         try:
             yield head
+            if self._catch_up is not None:
+                caught_up = yield from self._wait_for_catch_up(self._catch_up, wait)
+                if not caught_up:
+                    yield comment(f" {sub.reason}")
+                    return
             while True:
                 timeout = wait
                 if deadline is not None:
@@ -95,3 +110,27 @@ class EventStream:
                     yield KEEPALIVE
         finally:
             self._finish()
+
+    def _wait_for_catch_up(
+        self, catch_up: Callable[[], bytes], wait: float | None
+    ) -> Generator[bytes, None, bool]:
+        """Write what *catch_up* returns once it succeeds; keep-alives meanwhile. Returns
+        ``False`` if the subscription ended first."""
+        quiet = 0.0
+        for attempt in itertools.count():
+            if self.sub.reason is not None:
+                return False
+            try:
+                data = catch_up()
+            except BusError:
+                pause = min(0.1 * 2**attempt, RETRY_CAP)
+                time.sleep(pause)
+                quiet += pause
+                if wait is not None and quiet >= wait:
+                    quiet = 0.0
+                    yield KEEPALIVE
+                continue
+            if data:
+                yield data
+            return True
+        return False  # pragma: no cover - itertools.count() never ends

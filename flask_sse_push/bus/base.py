@@ -51,10 +51,18 @@ class Reset(NamedTuple):
 
 
 class Resume(NamedTuple):
-    """What a new subscription gets before live events."""
+    """What a new subscription gets before live events.
+
+    :param replay: encoded events missed since the client's ``Last-Event-ID``.
+    :param reset: set when replay was impossible.
+    :param pending: set instead when the replay must be fetched later (from a remote bus):
+        a callable returning the :class:`Resume`, raising :class:`~flask_sse_push.BusError`
+        while the bus is unreachable.
+    """
 
     replay: list[bytes]
     reset: Reset | None
+    pending: Callable[[], Resume] | None = None
 
 
 class Subscription:
