@@ -60,7 +60,9 @@ def spawn(target: Any, *args: Any, name: str) -> Any:
 
 
 def cooperate() -> None:
-    """Under gevent, let every greenlet that is ready run before this one goes on."""
-    import gevent
+    """Under gevent, let every greenlet that is ready run before this one goes on (with
+    threads the scheduler does that by itself)."""
+    if gevent_active():
+        import gevent
 
-    gevent.sleep(0)
+        gevent.sleep(0)

@@ -34,6 +34,8 @@ SSE_MAX_LIFETIME = "SSE_MAX_LIFETIME"
 #: Seconds ``send_event`` may wait for a remote bus before it raises.
 SSE_PUBLISH_TIMEOUT = "SSE_PUBLISH_TIMEOUT"
 
+#: Redis key of the app's event stream (default: ``flask-sse-push:<app import name>``).
+SSE_REDIS_KEY = "SSE_REDIS_KEY"
 #: Serve ``GET <prefix>/stats`` (open streams per channel of the answering process, as JSON).
 SSE_STATS = "SSE_STATS"
 
@@ -49,6 +51,7 @@ DEFAULTS: Mapping[str, Any] = {
     SSE_MAX_LIFETIME: 0.0,
     SSE_PUBLISH_TIMEOUT: 5.0,
     SSE_STATS: False,
+    SSE_REDIS_KEY: None,
 }
 
 #: Channel names: 1 to 128 characters out of letters, digits and ``_-.:@/``.
@@ -67,6 +70,13 @@ def _number(config: Mapping[str, Any], key: str, *, minimum: float, integer: boo
     return value
 
 
+def _optional_text(config: Mapping[str, Any], key: str) -> str | None:
+    value = config[key]
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigurationError(f"{key} must be a non-empty str or None, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """The extension's settings for one app, read once when the blueprint is registered.
@@ -82,6 +92,7 @@ class Settings:
     :param max_lifetime: seconds before a stream is ended for reconnection, ``0`` for never.
     :param publish_timeout: seconds a publish may wait on a remote bus.
     :param stats: whether ``<prefix>/stats`` is served.
+    :param redis_key: the Redis stream's key, or ``None`` for the default.
     """
 
     keepalive: float
@@ -95,6 +106,7 @@ class Settings:
     max_lifetime: float
     publish_timeout: float
     stats: bool
+    redis_key: str | None
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -131,4 +143,5 @@ class Settings:
                 _number(config, SSE_PUBLISH_TIMEOUT, minimum=0.001, integer=False)
             ),
             stats=bool(config[SSE_STATS]),
+            redis_key=_optional_text(config, SSE_REDIS_KEY),
         )

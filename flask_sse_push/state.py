@@ -66,13 +66,18 @@ class SSEState:
                 )
 
     def stats(self) -> dict[str, Any]:
-        """Open streams of this process: ``pid``, ``connections``, ``channels``, ``bus``."""
-        return {
+        """Open streams of this process (``pid``, ``connections``, ``channels``, ``bus``) and,
+        with a bus shared by several processes, of all of them (``cluster``)."""
+        stats: dict[str, Any] = {
             "pid": os.getpid(),
             "bus": self.settings.bus_url.split("://", 1)[0],
             "connections": self.bus.connection_count(),
             "channels": self.bus.channel_counts(),
         }
+        cluster = self.bus.cluster_stats()
+        if cluster is not None:
+            stats["cluster"] = cluster
+        return stats
 
     def publish(
         self,
@@ -94,10 +99,9 @@ class SSEState:
             retry = check_retry(retry)
         body = encode_body(data_text(data, app.json.dumps), kind, retry)
         event_id = self.bus.publish(channel, body, event_id)
-        if _sync.gevent_active():
-            # Let the streams write what was queued before this greenlet goes on: a tight
-            # loop of publishes would otherwise fill every queue before any stream ran.
-            _sync.cooperate()
+        # Let the streams write what was queued before this greenlet goes on: under gevent a
+        # tight loop of publishes would otherwise fill every queue before any stream ran.
+        _sync.cooperate()
         if signals.event_published.receivers:
             signals.event_published.send(app, channel=channel, id=event_id, data=data, event=kind)
         return event_id

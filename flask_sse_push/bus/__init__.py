@@ -46,4 +46,19 @@ def create_bus(url: str, settings: Settings, name: str) -> Bus:
     return factory(url, settings, name)
 
 
+def _redis_bus(url: str, settings: Settings, name: str) -> Bus:
+    try:
+        from .redis import RedisBus
+    except ModuleNotFoundError as exc:
+        if exc.name != "redis":
+            raise
+        raise ConfigurationError(
+            f"{SSE_BUS_URL} = {url!r} needs the Redis client: "
+            "pip install 'flask-sse-push[redis]'"
+        ) from exc
+    return RedisBus(url, settings, name=name)
+
+
 register_bus("memory", lambda url, settings, name: MemoryBus(url, settings, name=name))
+for _scheme in ("redis", "rediss", "unix"):
+    register_bus(_scheme, _redis_bus)

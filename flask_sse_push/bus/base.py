@@ -273,6 +273,11 @@ class Bus(ABC):
         with fanout.lock:
             return fanout.counts()
 
+    def cluster_stats(self) -> dict[str, Any] | None:
+        """Open streams of every process sharing this bus, or ``None`` when the bus serves
+        only this process."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the backend's resources (connections, greenlets)."""
 

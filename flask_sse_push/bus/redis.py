@@ -1,0 +1,368 @@
+"""The Redis bus (``redis://host:port/db``, ``rediss://`` for TLS, ``unix://``): many
+workers and hosts, one stream of events.
+
+Every app has ONE Redis stream (``XADD`` with a bounded ``MAXLEN``) that is both the transport
+and the history. Each process runs ONE receiver (a greenlet under gevent, a thread otherwise)
+on ONE connection, reading the stream with ``XREAD BLOCK`` from the last entry it delivered:
+after an outage it goes on from there, so every event Redis accepted is delivered, in order.
+Publishing uses a small shared connection pool.
+
+Event ids are the stream's entry ids (``<milliseconds>-<sequence>``), ordered across all
+channels and valid in every process, so a client resumes on any worker or host. Requires
+Redis 7 or Valkey (``XINFO STREAM`` reports trimmed entries there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import socket
+import time
+from collections.abc import Iterable
+from typing import Any, cast
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .. import _sync
+from ..errors import BusError, PublishError
+from .base import REVOKED, Bus, Message, Reset, Resume, Subscription
+
+log = logging.getLogger("flask_sse_push")
+
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+_STREAM_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+#: A subscription's streams are ended with this reason when entries were trimmed before the
+#: receiver could read them: their clients reconnect and get a reset.
+LAGGED = "lagged"
+#: Field values of control entries (not events) in the stream.
+_CONTROL = b"\x00control"
+#: Longest wait of one ``XREAD BLOCK``, in milliseconds.
+_BLOCK_MS = 1000
+#: How long a worker's published stream counts stay valid, in seconds.
+_STATS_TTL = 10.0
+_STATS_EVERY = 2.0
+_BACKOFF_CAP = 5.0
+
+
+def _sid(value: str) -> tuple[int, int] | None:
+    match = _STREAM_ID.fullmatch(value)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+class RedisBus(Bus):
+    """A bus on a Redis stream shared by every process of the app."""
+
+    schemes = ("redis", "rediss", "unix")
+
+    _client: redis.Redis
+    _receiver: Any
+    _last: str | None
+    _start_id: str | None
+
+    def __init__(self, url: str, settings: Any, *, name: str) -> None:
+        super().__init__(url, settings, name=name)
+        self.key = settings.redis_key or f"flask-sse-push:{name}"
+        self.stats_key = self.key + ":stats"
+        #: The stream keeps at least this many entries (history, and room for receivers
+        #: that fall behind).
+        self.maxlen = max(settings.history_size, 1000)
+        #: Whether the receiver is connected (read by tests and health checks).
+        self.connected = False
+
+    # -- per-process state ---------------------------------------------------------------
+
+    def _start(self) -> None:
+        timeout = self.settings.publish_timeout
+        pool = redis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=10,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # An XADD is not retried: a retry after a lost reply could publish twice.
+            retry=Retry(NoBackoff(), 0),
+            client_name=f"flask-sse-push:publish:{os.getpid()}",
+        )
+        self._client = redis.Redis(connection_pool=pool)
+        self._receiver = None
+        self._last = None
+        self._start_id = None
+        self.connected = False
+
+    def _receiving(self) -> None:
+        if self._receiver is None:
+            # Learn the stream's position now, so that an event published right after this
+            # first subscription is delivered live (the receiver starts from here).
+            with contextlib.suppress(redis.RedisError):  # else the receiver learns it later
+                self._learn_position(self._client)
+            self._receiver = _sync.spawn(self._receive_loop, name=f"sse-redis-{self.name}")
+
+    def _learn_position(self, client: redis.Redis) -> dict[Any, Any] | None:
+        info = client.xinfo_stream(self.key) if client.exists(self.key) else None
+        if self._last is None:
+            start = _text(info["last-generated-id"]) if info else "0-0"
+            with self.fanout.lock:
+                if self._last is None:
+                    self._last = start
+                if self._start_id is None:
+                    self._start_id = start
+        return info
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(self, channel: str, body: bytes, event_id: str | None = None) -> str:
+        self.fanout  # noqa: B018 - creates the per-process state after a fork
+        fields: dict[Any, Any] = {"c": channel, "b": body}
+        if event_id is not None:
+            fields["i"] = event_id
+        try:
+            entry = self._client.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
+        except redis.RedisError as exc:
+            raise PublishError(
+                f"could not publish to Redis at {self._where()} ({exc}); the event was not "
+                "sent. Check that Redis is running and SSE_BUS_URL points at it."
+            ) from exc
+        return event_id if event_id is not None else _text(entry)
+
+    def _where(self) -> str:
+        kwargs = self._client.connection_pool.connection_kwargs
+        if "path" in kwargs:
+            return str(kwargs["path"])
+        return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
+
+    def end_streams(
+        self, reason: str = REVOKED, *, channel: str | None = None, user: object = None
+    ) -> int:
+        """End matching streams in this process, and (for revocation) in every other process
+        of the app through a control entry in the stream."""
+        ended = super().end_streams(reason, channel=channel, user=user)
+        if reason == REVOKED:
+            control = {"channel": channel, "user": user, "origin": self._origin()}
+            try:
+                self._client.xadd(
+                    self.key,
+                    {"c": _CONTROL, "b": json.dumps(control)},
+                    maxlen=self.maxlen,
+                    approximate=True,
+                )
+            except (redis.RedisError, TypeError) as exc:
+                raise BusError(f"could not tell the other workers to end streams: {exc}") from exc
+        return ended
+
+    def _origin(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    # -- subscribing and replay ----------------------------------------------------------
+
+    def subscribe(self, sub: Subscription, last_event_id: str | None) -> Resume:
+        fanout = self.fanout
+        self._receiving()
+        with fanout.lock:
+            fanout.add(sub)
+            cut = self._last
+        if last_event_id is None:
+            return Resume([], None)
+        return Resume([], None, pending=lambda: self._replay(sub, last_event_id, cut))
+
+    def _replay(self, sub: Subscription, last_event_id: str, cut: str | None) -> Resume:
+        """What *sub* missed after *last_event_id*, up to *cut* (where live delivery to it
+        began); raises :class:`BusError` while Redis or the receiver is not ready."""
+        if cut is None:
+            cut = self._start_id
+            if cut is None:
+                raise BusError("the Redis receiver has not connected yet")
+        try:
+            return self._read_replay(sub.channels, last_event_id, cut)
+        except redis.RedisError as exc:
+            raise BusError(f"could not read the history from Redis: {exc}") from exc
+
+    def _read_replay(self, channels: Iterable[str], last_event_id: str, cut: str) -> Resume:
+        client = self._client
+        info = client.xinfo_stream(self.key) if client.exists(self.key) else None
+        head = self._head_id(info)
+        if not last_event_id or len(last_event_id) > 256:
+            return Resume([], Reset("malformed", head))
+        position = _sid(last_event_id)
+        if position is None:
+            found = self._find_own_id(last_event_id)
+            if found is None:
+                return Resume([], Reset("unknown", head))
+            position = found
+        last_generated = _sid(_text(info["last-generated-id"])) if info else (0, 0)
+        deleted = _sid(_text(info["max-deleted-entry-id"])) if info else (0, 0)
+        if last_generated is None or position > last_generated:
+            return Resume([], Reset("unknown", head))
+        if deleted is not None and deleted > position:
+            return Resume([], Reset("too-old", head))
+        cut_position = _sid(cut) or (0, 0)
+        if position >= cut_position:
+            return Resume([], None)
+        wanted = {channel.encode() for channel in channels}
+        start = f"({position[0]}-{position[1]}"
+        entries = cast(_Entries, client.xrange(self.key, min=start, max=cut))
+        return Resume(
+            [
+                self._message(entry_id, fields).payload
+                for entry_id, fields in entries
+                if fields.get(b"c") in wanted
+            ],
+            None,
+        )
+
+    def _head_id(self, info: dict[Any, Any] | None) -> str:
+        if not info or not info.get("last-entry"):
+            return "0-0"
+        entry_id, fields = info["last-entry"]
+        own = fields.get(b"i")
+        return own.decode() if own else _text(entry_id)
+
+    def _find_own_id(self, event_id: str) -> tuple[int, int] | None:
+        """The stream position of the newest event published with the caller's *event_id*."""
+        wanted = event_id.encode()
+        entries = cast(_Entries, self._client.xrevrange(self.key, count=self.maxlen))
+        for entry_id, fields in entries:
+            if fields.get(b"i") == wanted:
+                return _sid(_text(entry_id))
+        return None
+
+    @staticmethod
+    def _message(entry_id: bytes, fields: dict[bytes, bytes]) -> Message:
+        own = fields.get(b"i")
+        wire_id = own or entry_id
+        payload = b"id: " + wire_id + b"\n" + fields.get(b"b", b"")
+        return Message(fields.get(b"c", b"").decode(), wire_id.decode(), payload)
+
+    # -- the receiver ----------------------------------------------------------------------
+
+    def _receive_loop(self) -> None:
+        pid = os.getpid()
+        backoff = 0.1
+        reader: redis.Redis | None = None
+        next_stats = 0.0
+        while self._pid == pid:
+            try:
+                if reader is None:
+                    reader = redis.Redis.from_url(
+                        self.url,
+                        socket_timeout=_BLOCK_MS / 1000 + 10,
+                        socket_connect_timeout=5,
+                        retry=Retry(NoBackoff(), 0),
+                        single_connection_client=True,
+                        client_name=f"flask-sse-push:receive:{pid}",
+                    )
+                self._catch_up_position(reader)
+                self.connected = True
+                backoff = 0.1
+                streams = cast(
+                    "list[tuple[bytes, _Entries]] | None",
+                    reader.xread({self.key: self._last or "$"}, count=500, block=_BLOCK_MS),
+                )
+                for _key, entries in streams or ():
+                    self._deliver(entries)
+                if time.monotonic() >= next_stats:
+                    self._write_stats(reader)
+                    next_stats = time.monotonic() + _STATS_EVERY
+            except redis.RedisError as exc:
+                if self.connected:
+                    log.warning(
+                        "flask-sse-push: lost Redis (%s); open streams stay open, retrying", exc
+                    )
+                self.connected = False
+                if reader is not None:
+                    reader.close()
+                    reader = None
+                time.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, _BACKOFF_CAP)
+            except Exception:  # a bug must not end delivery for the whole process
+                log.exception("flask-sse-push: Redis receiver error")
+                time.sleep(1.0)
+
+    def _catch_up_position(self, reader: redis.Redis) -> None:
+        """On (re)connecting: learn where to start, and notice entries trimmed unread."""
+        if self.connected:
+            return
+        known = self._last
+        info = self._learn_position(reader)
+        if known is None:
+            return
+        deleted = _sid(_text(info["max-deleted-entry-id"])) if info else None
+        last = _sid(known)
+        if deleted is not None and last is not None and deleted > last:
+            # Entries this worker never read were trimmed: its clients must resync.
+            fanout = self.fanout
+            with fanout.lock:
+                ended = fanout.end(LAGGED, lambda sub: True)
+            log.warning(
+                "flask-sse-push: events were trimmed from Redis before this worker read "
+                "them; ended %d streams so their clients resync",
+                ended,
+            )
+
+    def _deliver(self, entries: _Entries) -> None:
+        fanout = self.fanout
+        for entry_id, fields in entries:
+            if fields.get(b"c") == _CONTROL:
+                self._control(fields)
+                with fanout.lock:
+                    self._last = entry_id.decode()
+                continue
+            message = self._message(entry_id, fields)
+            with fanout.lock:
+                fanout.deliver(message)
+                self._last = entry_id.decode()
+            _sync.cooperate()
+
+    def _control(self, fields: dict[bytes, bytes]) -> None:
+        try:
+            order = json.loads(fields.get(b"b", b"{}"))
+        except ValueError:
+            return
+        if order.get("origin") == self._origin():
+            return
+        super().end_streams(REVOKED, channel=order.get("channel"), user=order.get("user"))
+
+    # -- statistics ----------------------------------------------------------------------
+
+    def _write_stats(self, reader: redis.Redis) -> None:
+        record = {"channels": self.channel_counts(), "time": time.time()}
+        reader.hset(self.stats_key, self._origin(), json.dumps(record))
+        reader.expire(self.stats_key, int(_STATS_TTL * 6))
+
+    def cluster_stats(self) -> dict[str, Any]:
+        """Open streams of every live process of the app, as last reported by each (every
+        couple of seconds).
+
+        :raises BusError: when Redis cannot be read.
+        """
+        try:
+            raw = self._client.hgetall(self.stats_key)
+        except redis.RedisError as exc:
+            raise BusError(f"could not read stream counts from Redis: {exc}") from exc
+        now = time.time()
+        processes: dict[str, dict[str, int]] = {}
+        for origin, value in raw.items():
+            record = json.loads(value)
+            if now - record["time"] <= _STATS_TTL:
+                processes[_text(origin)] = record["channels"]
+        totals: dict[str, int] = {}
+        for channels in processes.values():
+            for channel, count in channels.items():
+                totals[channel] = totals.get(channel, 0) + count
+        return {"processes": processes, "channels": totals}
+
+    def close(self) -> None:
+        """Stop the receiver and close the connections of this process."""
+        self._pid = None
+        if getattr(self, "_client", None) is not None:
+            self._client.close()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
