@@ -123,3 +123,27 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisFact
 
     yield start
     _stop_all([server.stop for server in servers])
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One ``redis-server`` for the whole session, for tests that only need a Redis bus
+    (each test gets a flushed database through :func:`bus_url`)."""
+    exe = require_redis_server()
+    server = RedisServer(tmp_path_factory.mktemp("shared-redis"), executable=exe).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def bus_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """``SSE_BUS_URL`` for each backend: the same test runs against the in-process bus and
+    against the Redis bus."""
+    if request.param == "memory":
+        yield "memory://"
+        return
+    server: RedisServer = request.getfixturevalue("shared_redis")
+    client = server.client()
+    client.flushdb()
+    yield server.url
+    client.flushdb()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -31,9 +31,27 @@ def make_app(**config: Any) -> tuple[Flask, SSEBlueprint]:
     return app, blueprint
 
 
+Maker = Callable[..., tuple[Flask, SSEBlueprint]]
+
+
 @pytest.fixture
-def app() -> Flask:
-    return make_app()[0]
+def make(bus_url: str) -> Iterator[Maker]:
+    """Build apps on the backend under test (each test runs on every backend)."""
+    made: list[Flask] = []
+
+    def factory(**config: Any) -> tuple[Flask, SSEBlueprint]:
+        app, blueprint = make_app(SSE_BUS_URL=bus_url, **config)
+        made.append(app)
+        return app, blueprint
+
+    yield factory
+    for app in made:
+        get_state(app).bus.close()
+
+
+@pytest.fixture
+def app(make: Maker) -> Flask:
+    return make()[0]
 
 
 @pytest.fixture
@@ -99,8 +117,8 @@ def test_keepalive_comment_on_a_quiet_stream(client: FlaskClient) -> None:
         assert reader.parser.retry == 3000
 
 
-def test_keepalive_off() -> None:
-    app, _ = make_app(SSE_KEEPALIVE=0)
+def test_keepalive_off(make: Maker) -> None:
+    app, _ = make(SSE_KEEPALIVE=0)
     with EventReader(app.test_client().get("/stream", buffered=False)) as reader:
         assert reader.events(timeout=0.5) == []
         assert reader.parser.comments == []
@@ -120,7 +138,8 @@ def test_falsy_values_are_sent(app: Flask, client: FlaskClient) -> None:
     assert events[0].retry == 0
 
 
-def test_send_event_returns_ordered_ids(app: Flask) -> None:
+def test_send_event_returns_ordered_ids() -> None:
+    app, _ = make_app()
     ids = [publish(app, i) for i in range(3)]
     epochs = {i.rsplit("-", 1)[0] for i in ids}
     assert len(epochs) == 1
@@ -198,7 +217,8 @@ def test_configuration_errors(config: dict[str, Any], match: str) -> None:
         make_app(**config)
 
 
-def test_config_defaults_are_filled_in(app: Flask) -> None:
+def test_config_defaults_are_filled_in() -> None:
+    app, _ = make_app()
     assert app.config["SSE_BUS_URL"] == "memory://"
     assert app.config["SSE_DEFAULT_CHANNEL"] == "sse"
     assert app.config["SSE_HISTORY_SIZE"] == 1000
@@ -248,12 +268,13 @@ def test_publish_from_many_threads(app: Flask, client: FlaskClient) -> None:
             t.join(timeout=10)
         events = reader.events(count=100, timeout=10)
     assert sorted(e.data for e in events) == sorted(f"{n}:{i}" for n in range(4) for i in range(25))
-    seqs = [int(e.id.rsplit("-", 1)[1]) for e in events]
-    assert seqs == sorted(seqs)
+    # Bus ids order events: <epoch>-<seq> in memory, <ms>-<seq> in Redis.
+    positions = [tuple(int(part, 16) for part in e.id.split("-")) for e in events]
+    assert positions == sorted(positions)
 
 
-def test_on_connect_events_go_to_the_new_connection_only() -> None:
-    app, blueprint = make_app()
+def test_on_connect_events_go_to_the_new_connection_only(make: Maker) -> None:
+    app, blueprint = make()
 
     @blueprint.on_connect
     def state(channels: frozenset[str]) -> Iterator[Any]:
@@ -268,8 +289,8 @@ def test_on_connect_events_go_to_the_new_connection_only() -> None:
         assert first.events(count=1, timeout=0.3) == []
 
 
-def test_authorize_hook_denies_with_403_before_subscribing() -> None:
-    app, blueprint = make_app()
+def test_authorize_hook_denies_with_403_before_subscribing(make: Maker) -> None:
+    app, blueprint = make()
     asked: list[str] = []
 
     @blueprint.authorize
@@ -288,8 +309,8 @@ def test_authorize_hook_denies_with_403_before_subscribing() -> None:
         assert [e.data for e in reader.events(count=1)] == ["ok"]
 
 
-def test_end_streams_of_a_channel_or_user() -> None:
-    app, blueprint = make_app()
+def test_end_streams_of_a_channel_or_user(make: Maker) -> None:
+    app, blueprint = make()
 
     @blueprint.identify
     def who() -> str:
@@ -318,8 +339,8 @@ def test_end_streams_of_a_channel_or_user() -> None:
     assert connections(app) == 0
 
 
-def test_connection_limit_answers_200_with_retry_and_ends() -> None:
-    app, _ = make_app(SSE_MAX_CONNECTIONS=2)
+def test_connection_limit_answers_200_with_retry_and_ends(make: Maker) -> None:
+    app, _ = make(SSE_MAX_CONNECTIONS=2)
     client = app.test_client()
     with (
         EventReader(client.get("/stream", buffered=False)),
@@ -347,8 +368,8 @@ def test_stats_endpoint_is_off_by_default(client: FlaskClient) -> None:
     assert "SSE_STATS" in response.get_data(as_text=True)
 
 
-def test_stats_endpoint_counts_streams_per_channel() -> None:
-    app, _ = make_app(SSE_STATS=True)
+def test_stats_endpoint_counts_streams_per_channel(make: Maker, bus_url: str) -> None:
+    app, _ = make(SSE_STATS=True)
     client = app.test_client()
     with (
         EventReader(client.get("/stream?channel=a&channel=b", buffered=False)),
@@ -357,5 +378,5 @@ def test_stats_endpoint_counts_streams_per_channel() -> None:
         stats = client.get("/stream/stats").get_json()
         assert stats["connections"] == 2
         assert stats["channels"] == {"a": 2, "b": 1}
-        assert stats["bus"] == "memory"
+        assert stats["bus"] == bus_url.split("://")[0]
     assert client.get("/stream/stats").get_json()["connections"] == 0

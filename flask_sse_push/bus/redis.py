@@ -31,7 +31,7 @@ from redis.retry import Retry
 
 from .. import _sync
 from ..errors import BusError, PublishError
-from .base import REVOKED, Bus, Message, Reset, Resume, Subscription
+from .base import REVOKED, Bus, Fanout, Message, Reset, Resume, Subscription
 
 log = logging.getLogger("flask_sse_push")
 
@@ -92,6 +92,7 @@ class RedisBus(Bus):
         )
         self._client = redis.Redis(connection_pool=pool)
         self._receiver = None
+        self._stopped = False
         self._last = None
         self._start_id = None
         self.connected = False
@@ -102,13 +103,15 @@ class RedisBus(Bus):
             # first subscription is delivered live (the receiver starts from here).
             with contextlib.suppress(redis.RedisError):  # else the receiver learns it later
                 self._learn_position(self._client)
-            self._receiver = _sync.spawn(self._receive_loop, name=f"sse-redis-{self.name}")
+            self._receiver = _sync.spawn(
+                self._receive_loop, self.fanout, name=f"sse-redis-{self.name}"
+            )
 
     def _learn_position(self, client: redis.Redis) -> dict[Any, Any] | None:
         info = client.xinfo_stream(self.key) if client.exists(self.key) else None
         if self._last is None:
             start = _text(info["last-generated-id"]) if info else "0-0"
-            with self.fanout.lock:
+            with self._lock():
                 if self._last is None:
                     self._last = start
                 if self._start_id is None:
@@ -241,12 +244,20 @@ class RedisBus(Bus):
 
     # -- the receiver ----------------------------------------------------------------------
 
-    def _receive_loop(self) -> None:
+    def _lock(self) -> Any:
+        fanout = self._fanout
+        assert fanout is not None
+        return fanout.lock
+
+    def _running(self, fanout: Fanout) -> bool:
+        return self._fanout is fanout and not self._stopped and self._pid == os.getpid()
+
+    def _receive_loop(self, fanout: Fanout) -> None:
         pid = os.getpid()
         backoff = 0.1
         reader: redis.Redis | None = None
         next_stats = 0.0
-        while self._pid == pid:
+        while self._running(fanout):
             try:
                 if reader is None:
                     reader = redis.Redis.from_url(
@@ -257,6 +268,7 @@ class RedisBus(Bus):
                         single_connection_client=True,
                         client_name=f"flask-sse-push:receive:{pid}",
                     )
+                    self._reader = reader
                 self._catch_up_position(reader)
                 self.connected = True
                 backoff = 0.1
@@ -270,6 +282,8 @@ class RedisBus(Bus):
                     self._write_stats(reader)
                     next_stats = time.monotonic() + _STATS_EVERY
             except redis.RedisError as exc:
+                if not self._running(fanout):
+                    break
                 if self.connected:
                     log.warning(
                         "flask-sse-push: lost Redis (%s); open streams stay open, retrying", exc
@@ -283,6 +297,8 @@ class RedisBus(Bus):
             except Exception:  # a bug must not end delivery for the whole process
                 log.exception("flask-sse-push: Redis receiver error")
                 time.sleep(1.0)
+        if reader is not None:
+            reader.close()
 
     def _catch_up_position(self, reader: redis.Redis) -> None:
         """On (re)connecting: learn where to start, and notice entries trimmed unread."""
@@ -296,7 +312,8 @@ class RedisBus(Bus):
         last = _sid(known)
         if deleted is not None and last is not None and deleted > last:
             # Entries this worker never read were trimmed: its clients must resync.
-            fanout = self.fanout
+            fanout = self._fanout
+            assert fanout is not None
             with fanout.lock:
                 ended = fanout.end(LAGGED, lambda sub: True)
             log.warning(
@@ -306,7 +323,8 @@ class RedisBus(Bus):
             )
 
     def _deliver(self, entries: _Entries) -> None:
-        fanout = self.fanout
+        fanout = self._fanout
+        assert fanout is not None
         for entry_id, fields in entries:
             if fields.get(b"c") == _CONTROL:
                 self._control(fields)
@@ -358,8 +376,11 @@ class RedisBus(Bus):
         return {"processes": processes, "channels": totals}
 
     def close(self) -> None:
-        """Stop the receiver and close the connections of this process."""
-        self._pid = None
+        """Stop the receiver (within a second) and close the connections of this process."""
+        self._stopped = True
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.close()  # interrupts a blocked XREAD
         if getattr(self, "_client", None) is not None:
             self._client.close()
 
