@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import selectors
@@ -185,3 +186,97 @@ def dechunk(raw: bytes) -> bytes:
         body += rest[:size]
         rest = rest[size + 2 :]
     return bytes(body)
+
+
+class Client:
+    """One reconnecting raw client: HTTP/1.0, so the body comes unchunked until the server
+    closes it; on close it reconnects with the last event id it saw, like a browser."""
+
+    def __init__(self, port: int, path: str) -> None:
+        self.port = port
+        self.path = path
+        self.events: list[ParsedEvent] = []
+        self.last_id: str | None = None
+        self.connects = 0
+        self.sock: socket.socket | None = None
+        self._buffer = b""
+        self._in_body = False
+        self._parser = SSEParser()
+
+    def connect(self) -> socket.socket:
+        """Open a connection, sending ``Last-Event-ID`` when an event was seen."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        extra = f"Last-Event-ID: {self.last_id}\r\n" if self.last_id else ""
+        request = f"GET {self.path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{extra}\r\n"
+        sock.sendall(request.encode())
+        sock.setblocking(False)
+        self.sock = sock
+        self._buffer = b""
+        self._in_body = False
+        self._parser = SSEParser()
+        self.connects += 1
+        return sock
+
+    def feed(self, data: bytes) -> None:
+        """Take bytes from the socket."""
+        if not self._in_body:
+            self._buffer += data
+            if b"\r\n\r\n" not in self._buffer:
+                return
+            head, data = self._buffer.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200"), head
+            self._in_body = True
+        for event in self._parser.feed(data):
+            self.events.append(event)
+            if event.last_event_id:
+                self.last_id = event.last_event_id
+
+
+class Crowd:
+    """Many reconnecting :class:`Client` objects driven by one selector."""
+
+    def __init__(self, port: int, paths: list[str]) -> None:
+        raise_fd_limit(len(paths) + 256)
+        self.selector = selectors.DefaultSelector()
+        self.clients = [Client(port, path) for path in paths]
+        for client in self.clients:
+            self.selector.register(client.connect(), selectors.EVENT_READ, client)
+
+    def pump(self, until: Callable[[Crowd], bool], timeout: float) -> bool:
+        """Read and reconnect until ``until(self)`` or *timeout*."""
+        deadline = time.monotonic() + timeout
+        while not until(self):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for key, _ in self.selector.select(min(left, 0.2)):
+                client: Client = key.data
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    client.feed(data)
+                    continue
+                self.selector.unregister(sock)
+                sock.close()
+                if client.connects < 50:
+                    time.sleep(0.05)
+                    try:
+                        self.selector.register(client.connect(), selectors.EVENT_READ, client)
+                    except OSError:
+                        client.sock = None
+        return True
+
+    def close(self) -> None:
+        """Close every connection."""
+        for client in self.clients:
+            if client.sock is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(client.sock)
+                client.sock.close()
+        self.selector.close()

@@ -53,8 +53,7 @@ def _redis_bus(url: str, settings: Settings, name: str) -> Bus:
         if exc.name != "redis":
             raise
         raise ConfigurationError(
-            f"{SSE_BUS_URL} = {url!r} needs the Redis client: "
-            "pip install 'flask-sse-push[redis]'"
+            f"{SSE_BUS_URL} = {url!r} needs the Redis client: pip install 'flask-sse-push[redis]'"
         ) from exc
     return RedisBus(url, settings, name=name)
 

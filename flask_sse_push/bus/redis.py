@@ -98,14 +98,15 @@ class RedisBus(Bus):
         self.connected = False
 
     def _receiving(self) -> None:
-        if self._receiver is None:
-            # Learn the stream's position now, so that an event published right after this
-            # first subscription is delivered live (the receiver starts from here).
-            with contextlib.suppress(redis.RedisError):  # else the receiver learns it later
-                self._learn_position(self._client)
-            self._receiver = _sync.spawn(
-                self._receive_loop, self.fanout, name=f"sse-redis-{self.name}"
-            )
+        if self._receiver is not None:
+            return
+        # Claimed before anything that can yield to another greenlet: one receiver only.
+        self._receiver = True
+        # Learn the stream's position now, so that an event published right after this first
+        # subscription is delivered live (the receiver starts from here).
+        with contextlib.suppress(redis.RedisError):  # else the receiver learns it later
+            self._learn_position(self._client)
+        self._receiver = _sync.spawn(self._receive_loop, self.fanout, name=f"sse-redis-{self.name}")
 
     def _learn_position(self, client: redis.Redis) -> dict[Any, Any] | None:
         info = client.xinfo_stream(self.key) if client.exists(self.key) else None
@@ -199,10 +200,9 @@ class RedisBus(Bus):
                 return Resume([], Reset("unknown", head))
             position = found
         last_generated = _sid(_text(info["last-generated-id"])) if info else (0, 0)
-        deleted = _sid(_text(info["max-deleted-entry-id"])) if info else (0, 0)
         if last_generated is None or position > last_generated:
             return Resume([], Reset("unknown", head))
-        if deleted is not None and deleted > position:
+        if _trimmed_after(info, position):
             return Resume([], Reset("too-old", head))
         cut_position = _sid(cut) or (0, 0)
         if position >= cut_position:
@@ -295,6 +295,8 @@ class RedisBus(Bus):
                 time.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, _BACKOFF_CAP)
             except Exception:  # a bug must not end delivery for the whole process
+                if not self._running(fanout):
+                    break  # close() closed the connection under a blocked read
                 log.exception("flask-sse-push: Redis receiver error")
                 time.sleep(1.0)
         if reader is not None:
@@ -308,9 +310,8 @@ class RedisBus(Bus):
         info = self._learn_position(reader)
         if known is None:
             return
-        deleted = _sid(_text(info["max-deleted-entry-id"])) if info else None
         last = _sid(known)
-        if deleted is not None and last is not None and deleted > last:
+        if last is not None and _trimmed_after(info, last):
             # Entries this worker never read were trimmed: its clients must resync.
             fanout = self._fanout
             assert fanout is not None
@@ -383,6 +384,19 @@ class RedisBus(Bus):
             reader.close()  # interrupts a blocked XREAD
         if getattr(self, "_client", None) is not None:
             self._client.close()
+
+
+def _trimmed_after(info: dict[Any, Any] | None, position: tuple[int, int]) -> bool:
+    """Whether entries after *position* may have been trimmed from the stream: something was
+    trimmed and *position* is older than the oldest entry left. (When *position* was itself
+    the last entry trimmed nothing is missing, but that cannot be told apart.)"""
+    if not info or info.get("entries-added", 0) <= info.get("length", 0):
+        return False
+    first = info.get("first-entry")
+    if not first:
+        return True
+    oldest = _sid(_text(first[0]))
+    return oldest is not None and position < oldest
 
 
 def _text(value: Any) -> str:

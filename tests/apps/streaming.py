@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, jsonify, request
 from werkzeug.wrappers import Response
 
-from flask_sse_push import send_event, sse
+from flask_sse_push import BusError, end_streams, send_event, sse
 
 
 def _env_config() -> dict[str, Any]:
@@ -44,10 +44,14 @@ def publish() -> tuple[Response, int]:
     """Publish the JSON body's ``data`` with its ``event``, ``id``, ``retry``, ``channel``."""
     body = request.get_json(force=True)
     kwargs = {k: body[k] for k in ("event", "id", "retry", "channel") if k in body}
+    started = time.monotonic()
     try:
         event_id = send_event(body.get("data"), **kwargs)
     except (TypeError, ValueError) as exc:
         return jsonify(error=str(exc), kind=type(exc).__name__), 400
+    except BusError as exc:
+        seconds = time.monotonic() - started
+        return jsonify(error=str(exc), kind=type(exc).__name__, seconds=seconds), 503
     return jsonify(id=event_id, pid=os.getpid()), 200
 
 
@@ -61,3 +65,10 @@ def publish_many() -> tuple[Response, int]:
     ids = [send_event(f"{i}:" + "x" * size, channel=channel) for i in range(n)]
     elapsed = time.perf_counter() - started
     return jsonify(first=ids[0], last=ids[-1], seconds=elapsed, pid=os.getpid()), 200
+
+
+@app.post("/revoke")
+def revoke() -> tuple[Response, int]:
+    """End the streams of ``channel`` in every worker."""
+    ended = end_streams(channel=request.args["channel"])
+    return jsonify(ended=ended, pid=os.getpid()), 200
