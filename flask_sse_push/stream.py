@@ -80,6 +80,8 @@ class EventStream:
     def _run(
         self, head: bytes, wait: float | None, max_lifetime: float
     ) -> Generator[bytes, None, None]:
+        # Keep-alives: the bus's sweeper wakes a quiet stream with nothing to take, so the
+        # wait below needs no timer of its own (a timer per wait costs a lot per event).
         sub = self.sub
         deadline = time.monotonic() + max_lifetime if max_lifetime else None
         try:
@@ -90,14 +92,11 @@ class EventStream:
                     yield comment(f" {sub.reason}")
                     return
             while True:
-                timeout = wait
+                timeout = None
                 if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0:
                         sub.end(LIFETIME)
-                        timeout = 0
-                    else:
-                        timeout = left if timeout is None else min(timeout, left)
                 chunks = sub.take(timeout)
                 if chunks is None:
                     yield comment(f" {sub.reason}")
@@ -106,7 +105,7 @@ class EventStream:
                     yield chunks[0]
                 elif chunks:
                     yield b"".join(chunks)
-                elif wait is not None and (deadline is None or deadline > time.monotonic()):
+                elif wait is not None:
                     yield KEEPALIVE
         finally:
             self._finish()

@@ -202,9 +202,15 @@ def test_four_workers_every_client_gets_every_event_even_across_a_worker_restart
         expected_a.extend(script.stdout.split())
         crowd.pump(lambda c: False, 1.0)
         # Restart one worker in the middle: its clients reconnect to any worker and resume.
-        victim = server.worker_pids()[0]
+        processes = requests.get(server.url + "/stream/stats", timeout=5).json()["cluster"]
+        busiest = max(processes["processes"].items(), key=lambda item: item[1].get("a", 0))
+        victim = int(busiest[0].rsplit(":", 1)[1])
+        assert victim in server.worker_pids()
         os.kill(victim, 15)
-        for i in range(20):
+        for i in range(10):
+            expected_a.append(publish(server.url, f"during{i}", channel="a"))
+        assert crowd.pump(lambda c: any(x.connects > 1 for x in c.clients), 15)
+        for i in range(10):
             expected_a.append(publish(server.url, f"after{i}", channel="a"))
         expected_all = sorted(expected_a + expected_b, key=_position)
 

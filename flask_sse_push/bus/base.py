@@ -9,6 +9,8 @@ already-encoded events; a publisher never waits for a client.
 from __future__ import annotations
 
 import os
+import time
+import weakref
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -77,7 +79,16 @@ class Subscription:
     :param user: an identity, used to end a user's streams (see :meth:`Bus.end_streams`).
     """
 
-    __slots__ = ("__weakref__", "_items", "_limit", "_wake", "channels", "reason", "user")
+    __slots__ = (
+        "__weakref__",
+        "_items",
+        "_limit",
+        "_wake",
+        "active",
+        "channels",
+        "reason",
+        "user",
+    )
 
     def __init__(self, channels: Iterable[str], limit: int, user: object = None) -> None:
         self.channels = frozenset(channels)
@@ -87,17 +98,26 @@ class Subscription:
         self._limit = limit
         self._items: deque[bytes] = deque()
         self._wake = _sync.new_event()
+        #: Whether anything was queued since the keep-alive sweeper last looked.
+        self.active = False
 
     def push(self, payload: bytes) -> bool:
         """Queue *payload*; return ``False`` when the queue overflowed and the stream ended."""
         if self.reason is not None:
             return True
-        if len(self._items) >= self._limit:
+        items = self._items
+        if len(items) >= self._limit:
             self.end(SLOW)
             return False
-        self._items.append(payload)
-        self._wake.set()
+        items.append(payload)
+        self.active = True
+        if len(items) == 1:  # else the reader was woken already and has yet to take them
+            self._wake.set()
         return True
+
+    def ping(self) -> None:
+        """Wake the reader with nothing to take: its stream writes a keep-alive."""
+        self._wake.set()
 
     def end(self, reason: str) -> None:
         """End the stream for *reason*; queued events are dropped (history has them)."""
@@ -106,9 +126,10 @@ class Subscription:
             self._items.clear()
             self._wake.set()
 
-    def take(self, timeout: float | None) -> list[bytes] | None:
-        """Wait up to *timeout* seconds and return the queued events (``[]`` if none came),
-        or ``None`` once the subscription has ended."""
+    def take(self, timeout: float | None = None) -> list[bytes] | None:
+        """Wait until events are queued, :meth:`ping` is called or *timeout* seconds pass,
+        and return the queued events (``[]`` if none), or ``None`` once the subscription has
+        ended."""
         items = self._items
         if not items and self.reason is None:
             self._wake.clear()
@@ -129,17 +150,24 @@ class Fanout:
     :param on_slow: called with each subscription ended for overflowing its queue.
     """
 
-    def __init__(self, lock: Any, on_slow: Callable[[Subscription], None]) -> None:
+    def __init__(
+        self, lock: Any, on_slow: Callable[[Subscription], None], keepalive: float = 0.0
+    ) -> None:
         self.lock = lock
         self._on_slow = on_slow
         self._by_channel: dict[str, set[Subscription]] = {}
         self._all: set[Subscription] = set()
+        self._keepalive = keepalive
+        self._sweeping = False
 
     def __len__(self) -> int:
         return len(self._all)
 
     def add(self, sub: Subscription) -> None:
         """Start delivering to *sub*. Callers hold :attr:`lock`."""
+        if self._keepalive and not self._sweeping:
+            self._sweeping = True
+            _sync.spawn(_sweep, weakref.ref(self), self._keepalive / 2, name="sse-keepalive")
         self._all.add(sub)
         for channel in sub.channels:
             self._by_channel.setdefault(channel, set()).add(sub)
@@ -185,6 +213,32 @@ class Fanout:
         """Open subscriptions per channel."""
         return {channel: len(subs) for channel, subs in self._by_channel.items()}
 
+    def idle(self) -> list[Subscription]:
+        """The subscriptions nothing was queued for since the last call."""
+        with self.lock:
+            subs = list(self._all)
+        quiet = []
+        for sub in subs:
+            if sub.active:
+                sub.active = False
+            else:
+                quiet.append(sub)
+        return quiet
+
+
+def _sweep(ref: weakref.ref[Fanout], interval: float) -> None:
+    """Wake the streams that were quiet for a whole *interval*, so that they write a
+    keep-alive: one sleeper per process instead of a timer on every wait of every stream.
+    Ends when the fan-out is gone."""
+    while True:
+        time.sleep(interval)
+        fanout = ref()
+        if fanout is None:
+            return
+        for sub in fanout.idle():
+            sub.ping()
+        del fanout
+
 
 class Bus(ABC):
     """The contract of a bus backend.
@@ -214,7 +268,7 @@ class Bus(ABC):
     def fanout(self) -> Fanout:
         """This process's fan-out, created (with the rest of the state) at first use."""
         if self._pid != os.getpid() or self._fanout is None:
-            self._fanout = Fanout(_sync.new_lock(), self._slow)
+            self._fanout = Fanout(_sync.new_lock(), self._slow, self.settings.keepalive)
             self._pid = os.getpid()
             self._start()
         return self._fanout

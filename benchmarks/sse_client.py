@@ -1,0 +1,575 @@
+"""The benchmark's client process: N SSE connections in ONE epoll loop over raw sockets.
+
+Started by ``broadcast.py``, driven by JSON lines on stdin, answering JSON lines on stdout:
+
+- ``{"cmd": "connect", "port": P, "path": "/stream?channel=bench", "n": N, "timeout": S}``
+  opens N connections (at most ``inflight`` connects pending at a time) and answers once
+  every connection has received its response headers and its first body bytes (the
+  ``retry:`` hint both servers start with), or failed, or *timeout* passed.
+- ``{"cmd": "mark"}`` starts the measuring window (counters, latencies, client CPU).
+- ``{"cmd": "drain", "expected": K, "quiet": Q, "timeout": S}`` answers, with the figures
+  of the window, once every open connection has received K events, or nothing arrived
+  for Q seconds, or S seconds passed.
+- ``{"cmd": "close"}`` closes every connection and exits.
+
+Per connection it decodes HTTP/1.1 chunked encoding (or reads a plain body), splits the event
+stream on blank lines (LF line ends, as both servers write), parses the ``data:`` JSON and
+records receive time minus the embedded publish time ``t`` (both ``time.time()`` on the same
+host). It notes gaps and repeats in the event numbers ``n``, comments (``: slow`` etc.) and
+streams that end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import json.scanner
+import os
+import select
+import socket
+import sys
+import time
+from array import array
+from collections import Counter
+from typing import Any
+
+from benchutil import HOST, raise_nofile_limit
+
+#: Below glibc's mmap threshold (128 KiB): a bigger recv buffer costs mmap+mremap+munmap per call.
+_RECV = 65536
+#: json's C scanner (the stub types its argument wrongly).
+_scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+
+
+class Conn:
+    """One SSE connection's socket and parser state."""
+
+    __slots__ = (
+        "cbuf",
+        "chunk_left",
+        "chunked",
+        "comments",
+        "connected_at",
+        "crlf_left",
+        "dups",
+        "ended",
+        "gaps",
+        "head",
+        "headers_done",
+        "last_n",
+        "ready_at",
+        "received",
+        "sock",
+        "sse",
+        "started",
+        "status",
+    )
+
+    def __init__(self, sock: socket.socket, started: float) -> None:
+        self.sock = sock
+        self.started = started
+        self.connected_at = 0.0
+        self.ready_at = 0.0
+        self.head = b""
+        self.headers_done = False
+        self.status = 0
+        self.chunked = False
+        self.cbuf = b""
+        self.chunk_left = 0
+        self.crlf_left = 0
+        self.sse = b""
+        self.received = 0
+        self.last_n = -1
+        self.gaps = 0
+        self.dups = 0
+        self.ended: str | None = None
+        self.comments: Counter[str] | None = None
+
+    def dechunk(self, data: bytes) -> bytes:
+        """Strip HTTP/1.1 chunk framing from *data*; keep partial framing for next time."""
+        buf = self.cbuf + data if self.cbuf else data
+        self.cbuf = b""
+        out: list[bytes] = []
+        pos = 0
+        end = len(buf)
+        while pos < end:
+            if self.crlf_left:
+                skip = min(self.crlf_left, end - pos)
+                self.crlf_left -= skip
+                pos += skip
+            elif self.chunk_left:
+                take = min(self.chunk_left, end - pos)
+                out.append(buf[pos : pos + take])
+                self.chunk_left -= take
+                pos += take
+                if not self.chunk_left:
+                    self.crlf_left = 2
+            else:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    self.cbuf = buf[pos:]
+                    break
+                size = int(buf[pos:eol].split(b";", 1)[0], 16)
+                pos = eol + 2
+                if size == 0:
+                    self.ended = self.ended or "last-chunk"
+                    break
+                self.chunk_left = size
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
+class Client:
+    """The epoll loop, the connections and the figures."""
+
+    def __init__(self) -> None:
+        self.ep = select.epoll()
+        #: Open connections by file descriptor.
+        self.conns: dict[int, Conn] = {}
+        #: Connections that were ready and have ended since (their figures still count).
+        self.closed: list[Conn] = []
+        self.pending: list[socket.socket] = []
+        self.port = 0
+        self.request = b""
+        self.to_open = 0
+        self.inflight = 0
+        self.max_inflight = 256
+        self.connect_errors: Counter[str] = Counter()
+        self.failed = 0
+        self.latencies = array("d")
+        self.received = 0
+        self.bytes = 0
+        self.recvs = 0
+        self.last_data = time.monotonic()
+        self.bad_json = 0
+        self.goal: dict[str, Any] | None = None
+        self.goal_started = 0.0
+        self.mark_wall = time.monotonic()
+        self.mark_cpu = time.process_time()
+        self.mark_times = os.times()
+        self.stdin_buf = b""
+        self.running = True
+
+    # -- commands -------------------------------------------------------------------------
+
+    def reply(self, obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    def command(self, cmd: dict[str, Any]) -> None:
+        name = cmd.get("cmd")
+        if name == "connect":
+            self.port = int(cmd["port"])
+            self.request = (
+                f"GET {cmd['path']} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
+                "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+            ).encode()
+            self.to_open = int(cmd["n"])
+            self.max_inflight = int(cmd.get("inflight", 256))
+            self.set_goal(cmd)
+            self.open_more()
+        elif name == "mark":
+            self.received = 0
+            self.bytes = 0
+            self.recvs = 0
+            self.latencies = array("d")
+            self.bad_json = 0
+            for conn in self.everyone():
+                conn.received = 0
+                conn.gaps = 0
+                conn.dups = 0
+            self.mark_wall = time.monotonic()
+            self.mark_cpu = time.process_time()
+            self.mark_times = os.times()
+            self.reply({"ok": True})
+        elif name == "drain":
+            self.set_goal(cmd)
+        elif name == "close":
+            for conn in list(self.conns.values()):
+                self.drop(conn, None)
+            self.reply({"ok": True, "closed": True})
+            self.running = False
+        else:
+            self.reply({"ok": False, "error": f"unknown command {name!r}"})
+
+    def everyone(self) -> list[Conn]:
+        """Open connections plus the ready ones that have ended."""
+        return [*self.conns.values(), *self.closed]
+
+    def set_goal(self, cmd: dict[str, Any]) -> None:
+        self.goal = cmd
+        self.goal_started = time.monotonic()
+        self.check_goal(self.goal_started)
+
+    def check_goal(self, now: float) -> None:
+        goal = self.goal
+        if goal is None:
+            return
+        timed_out = now - self.goal_started > float(goal.get("timeout", 30))
+        if goal["cmd"] == "connect":
+            ready = sum(1 for c in self.everyone() if c.ready_at)
+            done = self.to_open == 0 and self.inflight == 0 and not self.pending
+            if (done and ready + self.failed >= int(goal["n"])) or timed_out:
+                self.goal = None
+                self.reply(self.connect_report(now, timed_out))
+        elif goal["cmd"] == "drain":
+            expected = int(goal["expected"])
+            live = [c for c in self.conns.values() if c.ended is None]
+            quiet = now - self.last_data > float(goal.get("quiet", 2.0))
+            complete = all(c.received >= expected for c in live)
+            if (complete and live) or quiet or timed_out:
+                self.goal = None
+                self.reply(self.drain_report(now, expected, complete, quiet, timed_out))
+
+    def connect_report(self, now: float, timed_out: bool) -> dict[str, Any]:
+        conns = self.everyone()
+        times = sorted(c.ready_at - c.started for c in conns if c.ready_at)
+        return {
+            "ok": not timed_out,
+            "connected": sum(1 for c in conns if c.ready_at and c.ended is None),
+            "failed": self.failed,
+            "not_ready": sum(1 for c in conns if not c.ready_at),
+            "ended": sum(1 for c in conns if c.ended),
+            "seconds": now - self.goal_started,
+            "ready_p50_ms": _quantile(times, 0.5) * 1000,
+            "ready_p99_ms": _quantile(times, 0.99) * 1000,
+            "ready_max_ms": (times[-1] if times else 0.0) * 1000,
+            "statuses": dict(Counter(str(c.status) for c in conns)),
+            "errors": dict(self.connect_errors),
+            "timed_out": timed_out,
+        }
+
+    def drain_report(
+        self, now: float, expected: int, complete: bool, quiet: bool, timed_out: bool
+    ) -> dict[str, Any]:
+        conns = self.everyone()
+        lat = sorted(self.latencies)
+        counts = [c.received for c in conns]
+        comments: Counter[str] = Counter()
+        for c in conns:
+            if c.comments:
+                comments.update(c.comments)
+        wall = now - self.mark_wall
+        cpu = time.process_time() - self.mark_cpu
+        times = os.times()
+        return {
+            "ok": True,
+            "received": self.received,
+            "connections": len(conns),
+            "expected_per_connection": expected,
+            "complete": complete,
+            "stopped_by": "complete" if complete else ("quiet" if quiet else "timeout"),
+            "min_per_connection": min(counts) if counts else 0,
+            "max_per_connection": max(counts) if counts else 0,
+            "short_connections": sum(1 for n in counts if n < expected),
+            "gaps": sum(c.gaps for c in conns),
+            "duplicates": sum(c.dups for c in conns),
+            "ended": dict(Counter(c.ended for c in conns if c.ended)),
+            "comments": dict(comments),
+            "bad_json": self.bad_json,
+            "latency_p50_ms": _quantile(lat, 0.5) * 1000,
+            "latency_p99_ms": _quantile(lat, 0.99) * 1000,
+            "latency_max_ms": (lat[-1] if lat else 0.0) * 1000,
+            "latency_mean_ms": (sum(lat) / len(lat) if lat else 0.0) * 1000,
+            "recv_calls": self.recvs,
+            "bytes": self.bytes,
+            "client_cpu_s": cpu,
+            "client_user_s": times.user - self.mark_times.user,
+            "client_system_s": times.system - self.mark_times.system,
+            "client_wall_s": wall,
+            "client_cpu_util": cpu / wall if wall > 0 else 0.0,
+        }
+
+    # -- sockets --------------------------------------------------------------------------
+
+    def open_more(self) -> None:
+        now = time.monotonic()
+        while self.to_open and self.inflight < self.max_inflight:
+            self.to_open -= 1
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            err = sock.connect_ex((HOST, self.port))
+            if err not in (0, errno.EINPROGRESS):
+                self.connect_errors[errno.errorcode.get(err, str(err))] += 1
+                self.failed += 1
+                sock.close()
+                continue
+            conn = Conn(sock, now)
+            self.conns[sock.fileno()] = conn
+            self.inflight += 1
+            self.ep.register(sock.fileno(), _EPOLLOUT)
+
+    def drop(self, conn: Conn, reason: str | None) -> None:
+        fd = conn.sock.fileno()
+        if fd >= 0:
+            with contextlib.suppress(OSError, ValueError):
+                self.ep.unregister(fd)
+        self.conns.pop(fd, None)
+        conn.sock.close()
+        if reason is not None:
+            conn.ended = conn.ended or reason
+            self.closed.append(conn)
+
+    def writable(self, conn: Conn) -> None:
+        sock = conn.sock
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.connect_errors[errno.errorcode.get(err, str(err))] += 1
+            self.failed += 1
+            self.inflight -= 1
+            self.ep.unregister(sock.fileno())
+            self.conns.pop(sock.fileno(), None)
+            sock.close()
+            self.open_more()
+            return
+        conn.connected_at = time.monotonic()
+        try:
+            sock.sendall(self.request)  # tiny; fits the empty send buffer
+        except OSError as exc:
+            self.lost_conn(conn, f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}")
+            return
+        self.ep.modify(sock.fileno(), _EPOLLIN)
+
+    def readable(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(_RECV)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.lost_conn(conn, f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}")
+            return
+        if not data:
+            self.lost_conn(conn, "eof")
+            return
+        now = time.time()
+        self.recvs += 1
+        self.bytes += len(data)
+        if not conn.headers_done:
+            data = self.read_headers(conn, data)
+            if not data:
+                return
+        if conn.chunked:
+            eol = data.find(b"\r\n", 0, 10)
+            if eol > 0 and not (conn.cbuf or conn.chunk_left or conn.crlf_left):
+                # Fast path: the common recv of exactly one whole chunk.
+                end = eol + 2 + int(data[:eol], 16)
+                if end > eol + 2 and len(data) == end + 2:
+                    data = data[eol + 2 : end]
+                else:
+                    data = conn.dechunk(data)
+            else:
+                data = conn.dechunk(data)
+        if not conn.ready_at and data:
+            # The first body bytes (``retry: ...``): the stream is open.
+            conn.ready_at = time.monotonic()
+            self.inflight -= 1
+            self.open_more()
+        self.parse(conn, data, now)
+        if conn.ended:
+            self.lost_conn(conn, conn.ended)
+
+    def lost_conn(self, conn: Conn, reason: str) -> None:
+        if conn.sse:
+            # Lines after the last blank line (e.g. the ": slow" the server ends with).
+            self.comments(conn, conn.sse)
+            conn.sse = b""
+        if not conn.ready_at:
+            self.inflight -= 1
+            self.connect_errors[f"before-ready:{reason}"] += 1
+            self.failed += 1
+            self.drop(conn, None)
+            self.open_more()
+            return
+        self.drop(conn, reason)
+
+    def read_headers(self, conn: Conn, data: bytes) -> bytes:
+        conn.head += data
+        end = conn.head.find(b"\r\n\r\n")
+        if end < 0:
+            return b""
+        head = conn.head[:end].decode("latin-1")
+        rest = conn.head[end + 4 :]
+        conn.head = b""
+        conn.headers_done = True
+        lines = head.split("\r\n")
+        conn.status = int(lines[0].split(" ", 2)[1])
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "transfer-encoding" and "chunked" in value.lower():
+                conn.chunked = True
+        return rest
+
+    def parse(self, conn: Conn, data: bytes, now: float) -> None:
+        buf = conn.sse + data if conn.sse else data
+        if not buf.endswith(b"\n\n"):
+            if b"\n\n" not in buf:
+                conn.sse = buf
+                return
+            blocks = buf.split(b"\n\n")
+            conn.sse = blocks.pop()
+        else:
+            conn.sse = b""
+            blocks = buf.split(b"\n\n")
+            blocks.pop()
+        lat = self.latencies
+        for block in blocks:
+            if not block:
+                continue
+            if block[:1] == b":" or b"\n:" in block:
+                self.comments(conn, block)
+            start = block.find(b"data: ")
+            if start >= 0 and (start == 0 or block[start - 1] == 10):
+                stop = block.find(b"\n", start)
+                try:
+                    # json's own C scanner: the JSON parser minus loads()'s wrapping.
+                    obj = _scan(block[start + 6 : stop if stop >= 0 else None].decode(), 0)[0]
+                    t = obj["t"]
+                    n = obj["n"]
+                except (ValueError, KeyError, TypeError, IndexError, StopIteration):
+                    self.bad_json += 1
+                    continue
+                lat.append(now - t)
+                conn.received += 1
+                self.received += 1
+                last = conn.last_n
+                if n == last + 1:
+                    conn.last_n = n
+                elif n <= last:
+                    conn.dups += 1
+                else:
+                    conn.gaps += n - last - 1
+                    conn.last_n = n
+
+    @staticmethod
+    def comments(conn: Conn, block: bytes) -> None:
+        """Count the comment lines of *block* other than bare keep-alives (``:``)."""
+        for line in block.split(b"\n"):
+            if line[:1] == b":" and line != b":":
+                if conn.comments is None:
+                    conn.comments = Counter()
+                conn.comments[line.decode("utf-8", "replace")[:80]] += 1
+
+    # -- loop -----------------------------------------------------------------------------
+
+    def stdin_ready(self) -> None:
+        data = os.read(0, 65536)
+        if not data:
+            self.running = False
+            return
+        self.stdin_buf += data
+        while b"\n" in self.stdin_buf:
+            line, self.stdin_buf = self.stdin_buf.split(b"\n", 1)
+            if line.strip():
+                self.command(json.loads(line))
+
+    def run(self) -> None:
+        self.ep.register(0, _EPOLLIN)
+        conns = self.conns
+        readable = self.readable
+        poll = self.ep.poll
+        next_check = 0.0
+        while self.running:
+            had_data = False
+            for fd, _mask in poll(0.02):
+                if fd == 0:
+                    self.stdin_ready()
+                    continue
+                conn = conns.get(fd)
+                if conn is None:
+                    continue
+                if conn.connected_at:
+                    had_data = True
+                    readable(conn)
+                else:
+                    self.writable(conn)
+            now = time.monotonic()
+            if had_data:
+                self.last_data = now
+            # The goals look at every connection: at most every 20 ms, not every wake-up.
+            if self.goal is not None and now >= next_check:
+                next_check = now + 0.02
+                self.check_goal(now)
+
+
+def _quantile(values: list[float] | array[float], q: float) -> float:
+    """Nearest-rank quantile of sorted *values* (0.0 when empty)."""
+    if not values:
+        return 0.0
+    index = min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))
+    return float(values[index])
+
+
+def self_test() -> int:
+    """Check the parser on a stream cut at random places (``--self-test``)."""
+    import random
+
+    blocks = []
+    for n in range(300):
+        body = b'id: e-%d\ndata: {"n": %d, "t": %r}\n\n' % (n, n, time.time())
+        if n % 7 == 0:
+            body = b":\n" + body  # a keep-alive line joins the next block
+        if n % 11 == 0:
+            body += body  # two events in one chunk; the second is a repeat
+        blocks.append(b"%X\r\n%s\r\n" % (len(body), body))
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nC\r\nretry: 3000\n\r\n"
+    wire = head + b"".join(blocks) + b"7\r\n: slow\n\r\n0\r\n\r\n"
+
+    class Replay:
+        def __init__(self, pieces: list[bytes]) -> None:
+            self.pieces = iter(pieces)
+
+        def recv(self, size: int) -> bytes:
+            return next(self.pieces, b"")
+
+        def fileno(self) -> int:
+            return -1
+
+        def close(self) -> None:
+            pass
+
+    for _ in range(200):
+        pieces, pos = [], 0
+        while pos < len(wire):
+            step = random.choice([1, 2, 3, 5, 17, 64, 200, 1000, 5000])
+            pieces.append(wire[pos : pos + step])
+            pos += step
+        client = Client()
+        conn = Conn(Replay(pieces), 0.0)  # type: ignore[arg-type]
+        conn.connected_at = 1.0
+        client.inflight = 1
+        for _ in range(len(pieces) + 1):
+            if conn.ended:
+                break
+            client.readable(conn)
+        problems = (
+            conn.received != 328,
+            conn.dups != 28,
+            conn.gaps != 0,
+            conn.last_n != 299,
+            not conn.ready_at,
+            conn.ended != "last-chunk",
+            dict(conn.comments or {}) != {": slow": 1},
+        )
+        if any(problems):
+            print(f"self-test FAILED: {problems}", file=sys.stderr)
+            return 1
+    print("self-test passed", file=sys.stderr)
+    return 0
+
+
+def main() -> int:
+    if "--self-test" in sys.argv[1:]:
+        return self_test()
+    raise_nofile_limit()
+    client = Client()
+    try:
+        client.run()
+    except KeyboardInterrupt:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

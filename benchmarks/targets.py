@@ -1,0 +1,320 @@
+"""The servers under test, the client process, and how each is started, measured and stopped.
+
+Every process is started with :class:`subprocess.Popen` and tracked in :data:`REGISTRY` as a
+:class:`psutil.Process` (which checks the creation time, so a recycled pid is never
+signalled); :func:`stop_all` ends them by pid. Every wait is bounded.
+
+A *target* is a server the benchmark compares. A mode (see ``broadcast.py``) is a list of
+targets plus any helper services; the later ``--mode redis`` only needs a
+:class:`FlaskTarget` with ``workers=4`` and ``SSE_BUS_URL`` in ``env``, and a
+:class:`Service` for redis-server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+from benchutil import HOST, STREAM_PATH
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+
+#: Every process this run started (servers, their workers, clients, services).
+REGISTRY: list[psutil.Process] = []
+
+
+def track(pid: int) -> psutil.Process | None:
+    """Remember process *pid* for :func:`stop_all`."""
+    try:
+        proc = psutil.Process(pid)
+    except psutil.Error:
+        return None
+    if all(p.pid != proc.pid for p in REGISTRY):
+        REGISTRY.append(proc)
+    return proc
+
+
+def stop_procs(procs: list[psutil.Process], timeout: float = 10.0) -> None:
+    """SIGTERM *procs*, wait up to *timeout* seconds, then SIGKILL what is left."""
+    alive = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running():
+                proc.send_signal(signal.SIGTERM)
+                alive.append(proc)
+    _, left = psutil.wait_procs(alive, timeout=timeout)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=5)
+
+
+def stop_all() -> None:
+    """Stop every process in :data:`REGISTRY` (children first), by pid."""
+    procs = list(reversed(REGISTRY))
+    stop_procs(procs, timeout=5)
+    REGISTRY.clear()
+
+
+def http_request(
+    port: int, method: str, path: str, timeout: float
+) -> tuple[int, dict[str, Any] | str]:
+    """One HTTP request to 127.0.0.1:*port*; the JSON answer, or the text when not JSON."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request(method, path, headers={"Content-Length": "0"} if method == "POST" else {})
+        response = conn.getresponse()
+        body = response.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(body)
+    except ValueError:
+        return response.status, body
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(BENCH_DIR), str(REPO_ROOT)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class Target(ABC):
+    """A server under test."""
+
+    #: Name shown in the table.
+    name: str = ""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path: Path | None = None
+        self._log: IO[bytes] | None = None
+        #: The processes whose CPU and RSS are measured (gunicorn: the workers).
+        self.measured: list[psutil.Process] = []
+
+    stream_path = STREAM_PATH
+
+    @abstractmethod
+    def command(self, port: int, clients: int) -> tuple[list[str], dict[str, str]]:
+        """The command line and extra environment to start the server."""
+
+    @abstractmethod
+    def expected_workers(self) -> int:
+        """How many processes serve (and are measured)."""
+
+    def start(self, port: int, clients: int, log_path: Path, timeout: float = 30.0) -> None:
+        """Start the server and wait (at most *timeout* s) until every worker answers."""
+        argv, extra = self.command(port, clients)
+        self.port = port
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=REPO_ROOT,
+            env=_child_env(extra),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        track(self.proc.pid)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start; see {log_path}")
+            self.measured = self.find_workers()
+            if len(self.measured) == self.expected_workers() and self._answers():
+                for proc in self.measured:
+                    track(proc.pid)
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not start within {timeout:.0f} s; see {log_path}")
+
+    def find_workers(self) -> list[psutil.Process]:
+        """The serving processes (default: the started process itself)."""
+        assert self.proc is not None
+        proc = track(self.proc.pid)
+        return [proc] if proc is not None else []
+
+    def _answers(self) -> bool:
+        try:
+            status, _ = http_request(self.port, "GET", "/bench/ping", timeout=2)
+        except OSError:
+            return False
+        return status == 200
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the measured processes so far."""
+        total = 0.0
+        for proc in self.measured:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        return total
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the measured processes."""
+        return sum(proc.memory_info().rss for proc in self.measured)
+
+    def stop(self) -> None:
+        """Stop the server and its workers by pid (SIGTERM, then SIGKILL after 10 s)."""
+        procs: list[psutil.Process] = []
+        if self.proc is not None:
+            master = track(self.proc.pid)
+            if master is not None:
+                procs.append(master)
+        stop_procs(procs, timeout=10)
+        stop_procs(self.measured, timeout=2)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=2)
+        for proc in [*procs, *self.measured]:
+            if proc in REGISTRY:
+                REGISTRY.remove(proc)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the server's log."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text("utf-8", "replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+class FlaskTarget(Target):
+    """``benchmarks/app.py`` under gunicorn with the gevent worker and the package's config
+    module; *env* is added to the environment (e.g. ``SSE_BUS_URL``)."""
+
+    name = "flask-sse-push"
+
+    def __init__(self, workers: int = 1, env: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.workers = workers
+        self.env = dict(env or {})
+
+    def command(self, port: int, clients: int) -> tuple[list[str], dict[str, str]]:
+        argv = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "python:flask_sse_push.gunicorn_conf",
+            "-k",
+            "gevent",
+            "-w",
+            str(self.workers),
+            "-b",
+            f"{HOST}:{port}",
+            "--no-control-socket",
+            "--pythonpath",
+            str(BENCH_DIR),
+            "app:app",
+        ]
+        max_connections = max(5000, clients + 100)
+        env = {
+            "BENCH_MAX_CONNECTIONS": str(max_connections),
+            # Above the extension's cap (the config module warns otherwise), and so above the
+            # client count, with room for the control requests.
+            "SSE_WORKER_CONNECTIONS": str(max_connections + 100),
+            **self.env,
+        }
+        return argv, env
+
+    def expected_workers(self) -> int:
+        return self.workers
+
+    def find_workers(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        try:
+            return psutil.Process(self.proc.pid).children()
+        except psutil.Error:
+            return []
+
+
+class BareTarget(Target):
+    """``benchmarks/bare.py``: the bare gevent broadcaster."""
+
+    name = "bare gevent"
+
+    def command(self, port: int, clients: int) -> tuple[list[str], dict[str, str]]:
+        return [sys.executable, str(BENCH_DIR / "bare.py"), "--port", str(port)], {}
+
+    def expected_workers(self) -> int:
+        return 1
+
+
+class ClientProcess:
+    """``benchmarks/sse_client.py``, driven by JSON lines over its stdin and stdout."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BENCH_DIR / "sse_client.py")],
+            cwd=REPO_ROOT,
+            env=_child_env({}),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        track(self.proc.pid)
+        self.ps = psutil.Process(self.proc.pid)
+        self._lines: queue.Queue[bytes | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def request(self, command: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send *command* and wait at most *timeout* seconds for the answer."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command).encode() + b"\n")
+        self.proc.stdin.flush()
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            message = f"client gave no answer to {command['cmd']!r} in {timeout} s"
+            raise TimeoutError(message) from None
+        if line is None:
+            raise RuntimeError(f"client exited (code {self.proc.poll()})")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def stop(self) -> None:
+        """Ask the client to close its connections and exit; kill it after 5 s."""
+        with contextlib.suppress(OSError, TimeoutError, RuntimeError, ValueError):
+            if self.proc.poll() is None:
+                self.request({"cmd": "close"}, timeout=5)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            stop_procs([self.ps], timeout=2)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        if self.ps in REGISTRY:
+            REGISTRY.remove(self.ps)
