@@ -32,11 +32,64 @@ def gevent_active() -> bool:
 def new_event() -> Waitable:
     """Return a fresh, unset event of the right kind for this process."""
     if gevent_active():
-        from gevent.event import Event
-
-        event: Waitable = Event()
-        return event
+        return Park()
     return threading.Event()
+
+
+class Park:
+    """A one-waiter event for gevent: the waiting greenlet parks in the hub and ``set()``
+    schedules its switch directly.
+
+    It does what ``gevent.event.Event`` does for a single waiter at well under half the
+    cost, which matters because every delivered event wakes one stream. ``set()`` must be
+    called from the hub's own thread (any greenlet of the worker), like gevent's event.
+    """
+
+    __slots__ = ("_flag", "_hub", "_waiter")
+
+    def __init__(self) -> None:
+        from gevent.hub import get_hub
+
+        self._hub = get_hub()
+        self._flag = False
+        self._waiter: Any = None
+
+    def set(self) -> None:
+        """Set the flag and wake the waiter, if one is parked."""
+        self._flag = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            self._hub.loop.run_callback(waiter.switch)
+
+    def clear(self) -> None:
+        """Reset the flag."""
+        self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Park until :meth:`set` or *timeout* seconds; return the flag."""
+        if self._flag:
+            return True
+        from greenlet import getcurrent
+
+        current = getcurrent()
+        timer = None
+        if timeout is not None:
+            timer = self._hub.loop.timer(max(timeout, 0.0))
+            timer.start(self._expire, current)
+        self._waiter = current
+        try:
+            self._hub.switch()
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.close()
+        return self._flag
+
+    def _expire(self, waiter: Any) -> None:
+        if self._waiter is waiter:
+            self._waiter = None
+            waiter.switch()
 
 
 def new_lock() -> Any:

@@ -97,14 +97,12 @@ class EventStream:
                     timeout = deadline - time.monotonic()
                     if timeout <= 0:
                         sub.end(LIFETIME)
-                chunks = sub.take(timeout)
-                if chunks is None:
+                data = sub.take(timeout)
+                if data:
+                    yield data
+                elif data is None:
                     yield comment(f" {sub.reason}")
                     return
-                if len(chunks) == 1:
-                    yield chunks[0]
-                elif chunks:
-                    yield b"".join(chunks)
                 elif wait is not None:
                     yield KEEPALIVE
         finally:

@@ -46,9 +46,9 @@ def wire(app: Flask, data: Any, **kwargs: Any) -> tuple[bytes, BaseException | N
         error = exc
     finally:
         bus.unsubscribe(sub)
-    chunks = sub.take(0)
-    assert chunks is not None
-    return b"".join(chunks), error
+    data = sub.take(0)
+    assert data is not None
+    return data, error
 
 
 many = settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -126,10 +126,10 @@ class Subscription:
             self._items.clear()
             self._wake.set()
 
-    def take(self, timeout: float | None = None) -> list[bytes] | None:
+    def take(self, timeout: float | None = None) -> bytes | None:
         """Wait until events are queued, :meth:`ping` is called or *timeout* seconds pass,
-        and return the queued events (``[]`` if none), or ``None`` once the subscription has
-        ended."""
+        and return the queued events joined (``b""`` if none), or ``None`` once the
+        subscription has ended."""
         items = self._items
         if not items and self.reason is None:
             self._wake.clear()
@@ -139,7 +139,13 @@ class Subscription:
                 self._wake.wait(timeout)
         if self.reason is not None:
             return None
-        return [items.popleft() for _ in range(len(items))]
+        if not items:
+            return b""
+        # popleft() only: a publisher thread may append meanwhile.
+        first = items.popleft()
+        if not items:
+            return first
+        return b"".join([first, *(items.popleft() for _ in range(len(items)))])
 
 
 class Fanout:
