@@ -1,30 +1,75 @@
-"""A live dashboard: one EventSource follows several channels; a form and a JSON endpoint
-publish with ``send_event``.
+"""A live dashboard: one EventSource follows several public channels and, once you log in,
+your private channel; a form and a JSON endpoint publish with ``send_event``.
 
-Run it with ``bash dev.sh example`` and open http://127.0.0.1:8000/.
+Run it with ``bash dev.sh example`` and open http://127.0.0.1:8000/. ``SSE_*`` environment
+variables override the config (``SSE_BUS_URL=redis://127.0.0.1:6379/0`` for the Redis bus).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 import time
 from typing import Any
 
-from flask import Flask, jsonify, redirect, render_template, request, url_for
+from flask import (
+    Flask,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from werkzeug.wrappers import Response
 
-from flask_sse_push import Event, SSEBlueprint, send_event
+from flask_sse_push import Event, SSEBlueprint, end_streams, send_event
 
 CHANNELS = ("news", "alerts", "metrics")
 
 
+def private_channel(user: str) -> str:
+    """The channel only *user* may read."""
+    return f"user:{user}"
+
+
+def _env_config() -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for key, value in os.environ.items():
+        if key.startswith("SSE_"):
+            try:
+                config[key] = json.loads(value)
+            except ValueError:
+                config[key] = value
+    return config
+
+
 def create_app(config: dict[str, Any] | None = None) -> Flask:
-    """Build the example app; *config* overrides ``app.config``."""
+    """Build the example app; *config* overrides ``app.config`` and the environment."""
     app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=os.environ.get("SECRET_KEY") or secrets.token_hex(16),
+        SSE_STATS=True,
+        **_env_config(),
+    )
     app.config.update(config or {})
     # A blueprint of its own per app keeps hooks apart when create_app() runs twice (tests);
     # a single app can simply use the ready `flask_sse_push.sse`.
     sse = SSEBlueprint()
     app.register_blueprint(sse, url_prefix="/stream")
+
+    @sse.authorize
+    def can_read(channel: str) -> bool:
+        # Public channels for everyone; "user:<name>" only for <name>, logged in.
+        if channel in CHANNELS:
+            return True
+        user = session.get("user")
+        return user is not None and channel == private_channel(user)
+
+    @sse.identify
+    def current_user() -> str | None:
+        return session.get("user")
 
     @sse.on_connect
     def hello(channels: frozenset[str]) -> list[Event]:
@@ -33,7 +78,25 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.get("/")
     def index() -> str:
-        return render_template("index.html", channels=CHANNELS)
+        user = session.get("user")
+        channels = [*CHANNELS, *([private_channel(user)] if user else [])]
+        return render_template("index.html", channels=channels, public=CHANNELS, user=user)
+
+    @app.post("/login")
+    def login() -> Response:
+        name = request.form.get("name", "").strip()
+        if not name.isalnum() or len(name) > 32:
+            return Response("choose a name of 1-32 letters and digits\n", 400)
+        session["user"] = name
+        return redirect(url_for("index"), 303)
+
+    @app.post("/logout")
+    def logout() -> Response:
+        user = session.pop("user", None)
+        if user is not None:
+            # Access is gone: end the user's open streams everywhere.
+            end_streams(user=user)
+        return redirect(url_for("index"), 303)
 
     @app.post("/publish")
     def publish_form() -> Response:
@@ -45,7 +108,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             event="note",
             channel=channel,
         )
-        return redirect(url_for("index"), 303)  # type: ignore[return-value]
+        return redirect(url_for("index"), 303)
 
     @app.post("/api/events")
     def publish_json() -> tuple[Response, int]:
@@ -53,7 +116,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         if not isinstance(body, dict) or "data" not in body:
             return jsonify(error='send a JSON object such as {"data": ..., "channel": "news"}'), 400
         channel = body.get("channel", "news")
-        if channel not in CHANNELS:
+        user = body.get("user")
+        if user is not None:
+            if not isinstance(user, str) or not user.isalnum():
+                return jsonify(error="user must be a name of letters and digits"), 400
+            channel = private_channel(user)
+        elif channel not in CHANNELS:
             return jsonify(error=f"unknown channel {channel!r}; use one of {list(CHANNELS)}"), 400
         try:
             event_id = send_event(
@@ -63,7 +131,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             )
         except (TypeError, ValueError) as exc:
             return jsonify(error=str(exc)), 400
-        return jsonify(id=event_id), 201
+        return jsonify(id=event_id, channel=channel), 201
 
     return app
 
