@@ -21,6 +21,7 @@ from .errors import (
     SSEError,
 )
 from .lifecycle import end_all_streams
+from .responses import sse_response
 from .state import end_streams, get_state, send_event
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "register_bus",
     "send_event",
     "sse",
+    "sse_response",
 ]

@@ -6,15 +6,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from flask import Flask, jsonify, request
 from werkzeug.wrappers import Response
 
-from flask_sse_push import BusError, end_streams, send_event, sse
+from flask_sse_push import BusError, Event, end_streams, send_event, sse, sse_response
 
 
 def _env_config() -> dict[str, Any]:
@@ -72,3 +74,55 @@ def revoke() -> tuple[Response, int]:
     """End the streams of ``channel`` in every worker."""
     ended = end_streams(channel=request.args["channel"])
     return jsonify(ended=ended, pid=os.getpid()), 200
+
+
+GENERATORS_CLOSED: list[str] = []
+
+
+@app.route("/count", methods=["GET", "POST"])
+def count() -> Response:
+    """A per-request stream: ``n`` events from a plain generator, ``pause`` seconds apart."""
+    n = int(request.args.get("n", "3"))
+    pause = float(request.args.get("pause", "0"))
+    who = request.args.get("who", "anon")
+
+    def numbers() -> Iterator[Any]:
+        try:
+            for i in range(n):
+                if pause:
+                    time.sleep(pause)
+                yield Event({"i": i, "who": who}, event="count") if i % 2 else str(i)
+        finally:
+            GENERATORS_CLOSED.append(who)
+
+    return sse_response(numbers())
+
+
+@app.post("/tokens")
+def tokens() -> Response:
+    """A per-request stream from an ``async`` generator, as FastAPI users write them."""
+    words = request.get_json(force=True)["prompt"].split()
+
+    async def generate() -> AsyncIterator[dict[str, str]]:
+        for word in words:
+            await asyncio.sleep(0.01)
+            yield {"token": word}
+
+    return sse_response(generate())
+
+
+@app.get("/boom")
+def boom() -> Response:
+    """A generator that fails half-way."""
+
+    def failing() -> Iterator[str]:
+        yield "first"
+        raise RuntimeError("boom")
+
+    return sse_response(failing())
+
+
+@app.get("/closed")
+def closed() -> Response:
+    """Which per-request generators were closed."""
+    return jsonify(GENERATORS_CLOSED)
