@@ -117,6 +117,20 @@ def stats_command(url: str) -> None:
         ) from None
     except (urllib.error.URLError, OSError) as exc:
         raise click.ClickException(f"cannot read {target}: {exc}") from None
-    click.echo(f"process {stats['pid']} ({stats['bus']} bus): {stats['connections']} streams")
-    for channel, number in sorted(stats["channels"].items()):
+    cluster = stats.get("cluster")
+    if cluster is not None:
+        click.echo(
+            f"{len(cluster['processes'])} processes ({stats['bus']} bus): "
+            f"{cluster['connections']} streams"
+        )
+        for origin, process in sorted(cluster["processes"].items()):
+            click.echo(f"  {origin}: {process['connections']}")
+        click.echo("channels:")
+        counts = cluster["channels"]
+    else:
+        click.echo(
+            f"process {stats['pid']} ({stats['bus']} bus): {stats['connections']} streams"
+        )
+        counts = stats["channels"]
+    for channel, number in sorted(counts.items()):
         click.echo(f"  {channel}: {number}")

@@ -64,8 +64,8 @@ def _stop_all(stoppers: Sequence[Callable[[], object]]) -> None:
 def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornFactory]:
     """Provide a factory starting ``gunicorn -k gevent`` servers.
 
-    ``start(app, *, workers=1, env=None, args=(), config=None, timeout=20)``
-    returns a running :class:`helpers.GunicornServer`; see
+    ``start(app, *, workers=1, env=None, args=(), config=None, timeout=20,
+    port=None)`` returns a running :class:`helpers.GunicornServer`; see
     :func:`helpers.start_gunicorn`.  Every server started is stopped at
     teardown (SIGTERM, then SIGKILL of its own processes after 10 s).
 
@@ -83,6 +83,7 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornFacto
         args: Sequence[str] = (),
         config: str | None = None,
         timeout: float = 20,
+        port: int | None = None,
     ) -> GunicornServer:
         server = start_gunicorn(
             app,
@@ -92,6 +93,7 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornFacto
             args=args,
             config=config,
             timeout=timeout,
+            port=port,
         )
         servers.append(server)
         return server

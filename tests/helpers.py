@@ -306,6 +306,7 @@ class GunicornFactory(Protocol):
         args: Sequence[str] = (),
         config: str | None = None,
         timeout: float = 20,
+        port: int | None = None,
     ) -> GunicornServer:
         """Start gunicorn serving *app*; see :func:`start_gunicorn`."""
         ...
@@ -332,6 +333,7 @@ def start_gunicorn(
     args: Sequence[str] = (),
     config: str | None = None,
     timeout: float = 20,
+    port: int | None = None,
 ) -> GunicornServer:
     """Start ``gunicorn -k gevent`` on a free 127.0.0.1 port and wait for it.
 
@@ -358,12 +360,19 @@ def start_gunicorn(
     :param args: Extra gunicorn arguments, placed before *app*.
     :param config: A gunicorn config file (``-c``).
     :param timeout: Maximum seconds to wait for readiness.
+    :param port: Port to listen on instead of a free one (e.g. the port of a
+        server stopped before, to restart it where its clients reconnect).
     :returns: The running server.
     :raises RuntimeError: If the master exits or is not ready in time; the
         message contains the log.  The process is stopped first.
     """
-    port = free_port()
+    if port is None:
+        port = free_port()
     log_path = log_dir / f"gunicorn-{port}.log"
+    for run in range(2, 1000):  # a restart on the same port keeps the earlier log
+        if not log_path.exists():
+            break
+        log_path = log_dir / f"gunicorn-{port}-{run}.log"
     cmd = [
         sys.executable,
         "-m",

@@ -157,10 +157,33 @@ def test_one_receive_connection_per_worker_and_a_small_publish_pool(
         workers = {str(pid) for pid in server.worker_pids()}
         stats = requests.get(server.url + "/stream/stats", timeout=5).json()
         assert stats["cluster"]["channels"]["all"] == 200
+        assert stats["cluster"]["connections"] == 200
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flask",
+                "--app",
+                "apps.streaming",
+                "sse",
+                "stats",
+                "--url",
+                server.url,
+            ],
+            cwd=TESTS,
+            env=dict(os.environ, PYTHONPATH=str(TESTS), SSE_BUS_URL=f'"{redis.url}"'),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert "(redis bus): 200 streams" in cli.stdout
+        assert "  all: 200" in cli.stdout
         serving = {
             origin.rsplit(":", 1)[1]
-            for origin, channels in stats["cluster"]["processes"].items()
-            if channels.get("all")
+            for origin, process in stats["cluster"]["processes"].items()
+            if process["channels"].get("all")
         }
         assert len(serving) >= 2, "the kernel gave the streams to fewer than two workers"
         receivers = Counter(n.rsplit(":", 1)[1] for n in names if ":receive:" in n)
@@ -203,7 +226,9 @@ def test_four_workers_every_client_gets_every_event_even_across_a_worker_restart
         crowd.pump(lambda c: False, 1.0)
         # Restart one worker in the middle: its clients reconnect to any worker and resume.
         processes = requests.get(server.url + "/stream/stats", timeout=5).json()["cluster"]
-        busiest = max(processes["processes"].items(), key=lambda item: item[1].get("a", 0))
+        busiest = max(
+            processes["processes"].items(), key=lambda item: item[1]["channels"].get("a", 0)
+        )
         victim = int(busiest[0].rsplit(":", 1)[1])
         assert victim in server.worker_pids()
         os.kill(victim, 15)

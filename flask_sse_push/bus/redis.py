@@ -350,13 +350,18 @@ class RedisBus(Bus):
     # -- statistics ----------------------------------------------------------------------
 
     def _write_stats(self, reader: redis.Redis) -> None:
-        record = {"channels": self.channel_counts(), "time": time.time()}
+        record = {
+            "connections": self.connection_count(),
+            "channels": self.channel_counts(),
+            "time": time.time(),
+        }
         reader.hset(self.stats_key, self._origin(), json.dumps(record))
         reader.expire(self.stats_key, int(_STATS_TTL * 6))
 
     def cluster_stats(self) -> dict[str, Any]:
         """Open streams of every live process of the app, as last reported by each (every
-        couple of seconds).
+        couple of seconds): ``processes`` (``host:pid`` -> ``connections`` and
+        ``channels``), and the totals ``connections`` and ``channels``.
 
         :raises BusError: when Redis cannot be read.
         """
@@ -365,16 +370,23 @@ class RedisBus(Bus):
         except redis.RedisError as exc:
             raise BusError(f"could not read stream counts from Redis: {exc}") from exc
         now = time.time()
-        processes: dict[str, dict[str, int]] = {}
+        processes: dict[str, dict[str, Any]] = {}
         for origin, value in raw.items():
             record = json.loads(value)
             if now - record["time"] <= _STATS_TTL:
-                processes[_text(origin)] = record["channels"]
+                processes[_text(origin)] = {
+                    "connections": record["connections"],
+                    "channels": record["channels"],
+                }
         totals: dict[str, int] = {}
-        for channels in processes.values():
-            for channel, count in channels.items():
+        for process in processes.values():
+            for channel, count in process["channels"].items():
                 totals[channel] = totals.get(channel, 0) + count
-        return {"processes": processes, "channels": totals}
+        return {
+            "processes": processes,
+            "connections": sum(p["connections"] for p in processes.values()),
+            "channels": totals,
+        }
 
     def close(self) -> None:
         """Stop the receiver (within a second) and close the connections of this process."""
