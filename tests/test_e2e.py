@@ -185,6 +185,27 @@ def test_sigterm_with_a_thousand_streams_ends_them_at_once(gunicorn: GunicornFac
     assert "Worker graceful timeout" not in server.log_text()
 
 
+def test_sighup_reload_with_a_thousand_streams_retires_the_old_worker_at_once(
+    gunicorn: GunicornFactory,
+) -> None:
+    server = serve(gunicorn, SSE_KEEPALIVE=5)
+    (old_worker,) = server.worker_pids()
+    streams = ManyStreams(server.port, "/stream?channel=a", 1000)
+    try:
+        assert streams.pump(lambda s: s.all_have(b"retry: 3000"), 30)
+        started = time.monotonic()
+        server.reload()
+        assert streams.pump(lambda s: s.all_have(b"0\r\n\r\n"), 10)
+        assert wait_for(lambda: not psutil.pid_exists(old_worker), 10)
+        retired_after = time.monotonic() - started
+    finally:
+        streams.close()
+    assert all(data.endswith(b": shutdown\n\r\n0\r\n\r\n") for data in streams.received.values())
+    assert retired_after < 5
+    assert server.running()
+    assert requests.get(server.url + "/health", timeout=5).json()["pid"] != old_worker
+
+
 def test_reload_moves_clients_to_a_new_worker_with_a_reset(gunicorn: GunicornFactory) -> None:
     server = serve(gunicorn)
     old_worker = server.worker_pids()
