@@ -175,12 +175,24 @@ def shown(page: Page, channel: str) -> list[tuple[str, Any]]:
 
 
 def wait_for_count(page: Page, channel: str, count: int) -> None:
-    """Wait until the channel's list has at least *count* items."""
-    page.wait_for_function(
-        "([id, n]) => document.getElementById(id).children.length >= n",
-        arg=[f"log-{channel}", count],
-        timeout=WAIT_MS,
-    )
+    """Wait until the channel's list has at least *count* items; on timeout, fail with
+    what the page shows."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    try:
+        page.wait_for_function(
+            "([id, n]) => document.getElementById(id).children.length >= n",
+            arg=[f"log-{channel}", count],
+            timeout=WAIT_MS,
+        )
+    except PlaywrightTimeoutError:
+        lists = {name: shown(page, name) for name in ("alerts", "news", "metrics")}
+        status = page.locator("#status").text_content()
+        pytest.fail(
+            f"{channel!r} did not show {count} events within {WAIT_MS} ms; page: {lists}, "
+            f"status {status!r}, EventSource {recorded(page)}",
+            pytrace=False,
+        )
 
 
 def recorded(page: Page) -> dict[str, int]:
