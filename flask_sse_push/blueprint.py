@@ -174,10 +174,10 @@ class SSEBlueprint(Blueprint):
                 def catch_up() -> bytes:
                     return _render(pending(), last_event_id, dumps) + initial
 
+            signals.connection_opened.send(app, channels=sub.channels)
         except BaseException:
             bus.unsubscribe(sub)
             raise
-        signals.connection_opened.send(app, channels=sub.channels)
 
         def closed(sub: Subscription) -> None:
             signals.connection_closed.send(app, channels=sub.channels, reason=sub.reason)

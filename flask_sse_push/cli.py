@@ -53,6 +53,13 @@ def send_command(
             value = json.loads(text)
         except ValueError as exc:
             raise click.BadParameter(f"not valid JSON: {exc}", param_hint="DATA") from None
+    if get_state().settings.bus_url.startswith("memory:"):
+        click.echo(
+            "warning: SSE_BUS_URL is memory://, which reaches only clients of this process, "
+            "and this command's process has none; set SSE_BUS_URL to a redis:// URL to reach "
+            "the running app",
+            err=True,
+        )
     try:
         click.echo(send_event(value, event=event, id=event_id, retry=retry, channel=channel))
     except (TypeError, ValueError) as exc:
@@ -128,9 +135,7 @@ def stats_command(url: str) -> None:
         click.echo("channels:")
         counts = cluster["channels"]
     else:
-        click.echo(
-            f"process {stats['pid']} ({stats['bus']} bus): {stats['connections']} streams"
-        )
+        click.echo(f"process {stats['pid']} ({stats['bus']} bus): {stats['connections']} streams")
         counts = stats["channels"]
     for channel, number in sorted(counts.items()):
         click.echo(f"  {channel}: {number}")

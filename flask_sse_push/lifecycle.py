@@ -9,13 +9,26 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from typing import Protocol
 
 from .bus.base import SHUTDOWN, Bus
 
 log = logging.getLogger("flask_sse_push")
 
 _buses: weakref.WeakSet[Bus] = weakref.WeakSet()
+_responses: weakref.WeakSet[Stoppable] = weakref.WeakSet()
 _stopping: list[int] = []
+
+
+class Stoppable(Protocol):
+    """A per-request stream that can be told to end."""
+
+    def stop(self) -> None: ...
+
+
+def track_response(response: Stoppable) -> None:
+    """Include a per-request stream in :func:`end_all_streams`."""
+    _responses.add(response)
 
 
 def track(bus: Bus) -> None:
@@ -26,13 +39,16 @@ def track(bus: Bus) -> None:
 def end_all_streams(reason: str = SHUTDOWN) -> int:
     """End every open stream of every app in this process, so that a server that is shutting
     down or reloading can exit at once; clients reconnect by themselves. Returns how many
-    streams were ended.
+    channel streams were ended (per-request streams of :func:`~flask_sse_push.sse_response`
+    are ended too, with the default *reason*).
 
     With the default *reason* the process also counts as stopping from then on (see
     :func:`stopping`): streams that still arrive are told to come back later at once.
     """
     if reason == SHUTDOWN:
         mark_stopping()
+        for response in list(_responses):
+            response.stop()
     return sum(bus.end_streams(reason) for bus in list(_buses))
 
 

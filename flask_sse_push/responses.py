@@ -31,7 +31,7 @@ from typing import Any
 from flask import Response as FlaskResponse
 from flask import copy_current_request_context, current_app, has_request_context
 
-from . import _sync
+from . import _sync, lifecycle
 from .config import DEFAULTS, SSE_KEEPALIVE, SSE_RETRY
 from .encoding import KEEPALIVE, Event, comment, encode_event, retry_line
 from .state import EXTENSION_KEY
@@ -130,10 +130,14 @@ class _Body:
     def __iter__(self) -> Iterator[bytes]:
         return self._events
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """End the stream soon (at shutdown): wake the reader, stop the generator."""
         self._producer.stopped = True
         with contextlib.suppress(queue.Full):
             self._producer.queue.put_nowait(_END)  # wakes a waiting reader
+
+    def close(self) -> None:
+        self.stop()
         with contextlib.suppress(ValueError):  # "generator already executing" elsewhere
             close = getattr(self._events, "close", None)
             if close is not None:
@@ -207,8 +211,10 @@ def sse_response(
             if hasattr(worker, "kill"):
                 worker.kill(block=False)  # a greenlet: GeneratorExit/GreenletExit at its wait
 
+    stream = _Body(body(), producer)
+    lifecycle.track_response(stream)
     response = FlaskResponse(
-        _Body(body(), producer),
+        stream,
         status,
         content_type="text/event-stream; charset=utf-8",
         direct_passthrough=True,

@@ -18,6 +18,7 @@ from flask_sse_push import (
     end_streams,
     get_state,
     send_event,
+    signals,
     sse,
 )
 from flask_sse_push.testing import EventReader, captured_events, read_events
@@ -115,6 +116,25 @@ def test_keepalive_comment_on_a_quiet_stream(client: FlaskClient) -> None:
         assert reader.events(timeout=0.7) == []
         assert reader.parser.comments.count("") >= 2
         assert reader.parser.retry == 3000
+
+
+def test_keepalive_period(client: FlaskClient) -> None:
+    with EventReader(client.get("/stream", buffered=False)) as reader:
+        assert reader.events(timeout=1.0) == []
+        # One comment every SSE_KEEPALIVE (0.2 s): about 5 in a second, not twice as many.
+        assert 2 <= reader.parser.comments.count("") <= 7
+
+
+def test_a_failing_signal_receiver_leaves_no_subscription(make: Maker) -> None:
+    app, _ = make()
+
+    def fail(sender: Flask, **kwargs: Any) -> None:
+        raise RuntimeError("receiver bug")
+
+    with signals.connection_opened.connected_to(fail, sender=app):
+        response = app.test_client().get("/stream")
+    assert response.status_code == 500
+    assert connections(app) == 0
 
 
 def test_keepalive_off(make: Maker) -> None:

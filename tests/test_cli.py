@@ -32,7 +32,8 @@ def test_send_text_json_and_stdin(app: Flask) -> None:
     with captured_events(app) as sent:
         result = runner.invoke(sse_cli, ["send", "news", "hello", "--event", "note", "--id", "7"])
         assert result.exit_code == 0, result.output
-        assert result.output.strip() == "7"
+        assert result.stdout.strip() == "7"
+        assert "reaches only clients of this process" in result.stderr
         result = runner.invoke(sse_cli, ["send", "news", '{"a": [1]}', "--json"])
         assert result.exit_code == 0, result.output
         result = runner.invoke(sse_cli, ["send", "alerts"], input="from stdin\n")

@@ -76,6 +76,12 @@ def test_ids_are_stream_ids_and_replay_crosses_channels(redis_app: Flask) -> Non
     assert [e.data for e in events] == ["2", "4"]
 
 
+def test_caller_ids_shaped_like_stream_ids_are_refused(redis_app: Flask) -> None:
+    with pytest.raises(ValueError, match="form of the Redis bus's own ids"):
+        publish_in(redis_app, "x", id="2024-1")
+    assert publish_in(redis_app, "x", id="order-2024-1") == "order-2024-1"
+
+
 def test_caller_given_ids_resume(redis_app: Flask) -> None:
     publish_in(redis_app, "1", id="order-1", channel="a")
     publish_in(redis_app, "2", id="order-2", channel="a")

@@ -4,6 +4,7 @@ errors and clients that go away, through the test client and a real gunicorn."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -141,3 +142,17 @@ def test_per_request_streams_under_gunicorn_gevent(gunicorn: GunicornFactory) ->
     with raw_sse(server.url, "/count?n=100000&pause=0.01&who=gone") as response:
         response.read_body_until(lambda body: b"data: 2" in body, 10)
     assert wait_for(lambda: "gone" in requests.get(server.url + "/closed", timeout=5).json(), 10)
+
+
+@pytest.mark.e2e
+def test_per_request_streams_end_at_shutdown(gunicorn: GunicornFactory) -> None:
+    server = serve(gunicorn, SSE_KEEPALIVE=0.2)
+    with raw_sse(server.url, "/count?n=1000&pause=0.5&who=long") as response:
+        response.read_body_until(lambda body: b"data: 0" in body, 10)
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        response.read_to_end(10)
+        ended_after = time.monotonic() - started
+    assert server.stop(timeout=15) < 5
+    assert ended_after < 5
+    assert "Worker graceful timeout" not in server.log_text()

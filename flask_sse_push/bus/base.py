@@ -117,6 +117,7 @@ class Subscription:
 
     def ping(self) -> None:
         """Wake the reader with nothing to take: its stream writes a keep-alive."""
+        self.active = True
         self._wake.set()
 
     def end(self, reason: str) -> None:
@@ -233,9 +234,10 @@ class Fanout:
 
 
 def _sweep(ref: weakref.ref[Fanout], interval: float) -> None:
-    """Wake the streams that were quiet for a whole *interval*, so that they write a
-    keep-alive: one sleeper per process instead of a timer on every wait of every stream.
-    Ends when the fan-out is gone."""
+    """Wake the streams that were quiet for a whole *interval* (half the keep-alive
+    period), so that they write a keep-alive: one sleeper per process instead of a timer on
+    every wait of every stream. A quiet stream so writes one every two intervals, and never
+    stays silent longer than that. Ends when the fan-out is gone."""
     while True:
         time.sleep(interval)
         fanout = ref()

@@ -122,6 +122,12 @@ class RedisBus(Bus):
     # -- publishing ----------------------------------------------------------------------
 
     def publish(self, channel: str, body: bytes, event_id: str | None = None) -> str:
+        if event_id is not None and _sid(event_id) is not None:
+            raise ValueError(
+                f"id {event_id!r} has the form of the Redis bus's own ids "
+                "(<digits>-<digits>), so a client resuming from it would be placed by "
+                "position; use another form (for example 'order-2024-1'), or id=None"
+            )
         self.fanout  # noqa: B018 - creates the per-process state after a fork
         fields: dict[Any, Any] = {"c": channel, "b": body}
         if event_id is not None:
