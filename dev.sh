@@ -53,6 +53,7 @@ case "${1:-}" in
         venv "test,redis,docs"
         "$VENV/bin/ruff" check flask_sse_push tests example_app benchmarks
         "$VENV/bin/mypy" flask_sse_push
+        "$VENV/bin/sphinx-build" -q -W --keep-going -n -b html docs docs/_build/html
         shift
         exec "$VENV/bin/python" -m pytest "$@"
         ;;

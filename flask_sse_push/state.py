@@ -89,7 +89,7 @@ class SSEState:
         retry: int | None,
         channel: str | None,
     ) -> str:
-        """Validate, encode once and publish; see :func:`send_event`."""
+        """Validate, encode once and publish; see :func:`~flask_sse_push.send_event`."""
         if channel is None:
             channel = self.settings.default_channel
         check_channel(channel)
