@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -400,3 +401,54 @@ def test_stats_endpoint_counts_streams_per_channel(make: Maker, bus_url: str) ->
         assert stats["channels"] == {"a": 2, "b": 1}
         assert stats["bus"] == bus_url.split("://")[0]
     assert client.get("/stream/stats").get_json()["connections"] == 0
+
+
+def test_no_gap_or_repeat_between_replay_and_live_events(make: Maker) -> None:
+    """Clients resume while a publisher runs at full speed: each gets every event after its
+    Last-Event-ID exactly once, in order, across the hand-over from history to live."""
+    app, _ = make(SSE_HISTORY_SIZE=2000, SSE_QUEUE_SIZE=2000)
+    client = app.test_client()
+    total = 400
+    ids: list[str] = []
+    done = threading.Event()
+
+    def publisher() -> None:
+        with app.app_context():
+            for i in range(total):
+                ids.append(send_event(str(i), channel="a"))
+                if i % 20 == 0:
+                    time.sleep(0.005)
+        done.set()
+
+    assert wait_for_ids(ids, publisher_thread(publisher), 5)
+    readers: list[tuple[int, EventReader]] = []
+    try:
+        for _ in range(8):
+            start = len(ids) - 1  # resume from the newest id seen so far
+            response = client.get(
+                "/stream?channel=a", headers={"Last-Event-ID": ids[start]}, buffered=False
+            )
+            readers.append((start, EventReader(response)))
+            time.sleep(0.01)
+        assert done.wait(20)
+        for start, reader in readers:
+            events = reader.events(count=total - 1 - start, timeout=20)
+            assert [e.data for e in events] == [str(i) for i in range(start + 1, total)]
+            assert [e.id for e in events] == ids[start + 1 :]
+            assert reader.events(count=1, timeout=0.2) == []
+    finally:
+        for _, reader in readers:
+            reader.close()
+
+
+def publisher_thread(target: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_for_ids(ids: list[str], thread: threading.Thread, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not ids and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return bool(ids)

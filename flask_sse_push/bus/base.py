@@ -170,26 +170,37 @@ class Fanout:
     def __len__(self) -> int:
         return len(self._all)
 
-    def add(self, sub: Subscription) -> None:
-        """Start delivering to *sub*. Callers hold :attr:`lock`."""
+    def add(self, sub: Subscription, *, deliver: bool = True) -> None:
+        """Take *sub* in (counted, kept alive, endable) and, with *deliver*, start delivering
+        to it. Callers hold :attr:`lock`."""
         if self._keepalive and not self._sweeping:
             self._sweeping = True
             _sync.spawn(_sweep, weakref.ref(self), self._keepalive / 2, name="sse-keepalive")
         self._all.add(sub)
-        for channel in sub.channels:
-            self._by_channel.setdefault(channel, set()).add(sub)
+        if deliver:
+            self.activate(sub)
 
-    def remove(self, sub: Subscription) -> None:
-        """Stop delivering to *sub*; removing twice is harmless. Callers hold :attr:`lock`."""
-        if sub not in self._all:
-            return
-        self._all.discard(sub)
+    def activate(self, sub: Subscription) -> None:
+        """Start delivering to *sub*, taken in earlier and not ended since. Callers hold
+        :attr:`lock`."""
+        if sub in self._all:
+            for channel in sub.channels:
+                self._by_channel.setdefault(channel, set()).add(sub)
+
+    def _deactivate(self, sub: Subscription) -> None:
         for channel in sub.channels:
             subs = self._by_channel.get(channel)
             if subs is not None:
                 subs.discard(sub)
                 if not subs:
                     del self._by_channel[channel]
+
+    def remove(self, sub: Subscription) -> None:
+        """Stop delivering to *sub*; removing twice is harmless. Callers hold :attr:`lock`."""
+        if sub not in self._all:
+            return
+        self._all.discard(sub)
+        self._deactivate(sub)
 
     def deliver(self, message: Message) -> int:
         """Queue *message* for every subscription of its channel; return how many got it.

@@ -93,6 +93,8 @@ class RedisBus(Bus):
         self._client = redis.Redis(connection_pool=pool)
         self._receiver = None
         self._stopped = False
+        #: Subscriptions waiting for the receiver to pass their resume point.
+        self._waiting: dict[Subscription, tuple[int, int]] = {}
         self._last = None
         self._start_id = None
         self.connected = False
@@ -175,55 +177,92 @@ class RedisBus(Bus):
         fanout = self.fanout
         self._receiving()
         with fanout.lock:
-            fanout.add(sub)
-            cut = self._last
+            # With a Last-Event-ID, live delivery starts only once the resume point is
+            # known (see _resume): this process's receiver may still be behind it.
+            fanout.add(sub, deliver=last_event_id is None)
         if last_event_id is None:
             return Resume([], None)
-        return Resume([], None, pending=lambda: self._replay(sub, last_event_id, cut))
+        span: list[tuple[tuple[int, int], tuple[int, int]]] = []
+        return Resume([], None, pending=lambda: self._resume(sub, last_event_id, span))
 
-    def _replay(self, sub: Subscription, last_event_id: str, cut: str | None) -> Resume:
-        """What *sub* missed after *last_event_id*, up to *cut* (where live delivery to it
-        began); raises :class:`BusError` while Redis or the receiver is not ready."""
-        if cut is None:
-            cut = self._start_id
-            if cut is None:
-                raise BusError("the Redis receiver has not connected yet")
+    def unsubscribe(self, sub: Subscription) -> None:
+        fanout = self.fanout
+        with fanout.lock:
+            self._waiting.pop(sub, None)
+            fanout.remove(sub)
+
+    def _resume(
+        self,
+        sub: Subscription,
+        last_event_id: str,
+        span: list[tuple[tuple[int, int], tuple[int, int]]],
+    ) -> Resume:
+        """Start live delivery to *sub* after *last_event_id* and return what it missed;
+        raises :class:`BusError` while Redis or the receiver is not ready (the stream calls
+        again later; *span* keeps the replay's bounds once delivery has started).
+
+        The client got *last_event_id* from some process, maybe one whose receiver is ahead
+        of this one's. So live delivery starts after whichever is later, the resume point or
+        this receiver's position (the cut); the history covers the span between them.
+        """
         try:
-            return self._read_replay(sub.channels, last_event_id, cut)
+            if not span:
+                if self._last is None:
+                    raise BusError("the Redis receiver has not connected yet")
+                found = self._locate(last_event_id)
+                fanout = self.fanout
+                with fanout.lock:
+                    if isinstance(found, Reset):
+                        fanout.activate(sub)
+                        return Resume([], found)
+                    cut = _sid(self._last) or (0, 0)
+                    if cut <= found:
+                        # The receiver has not read past the resume point yet: it starts
+                        # this subscription's delivery when it does.
+                        self._waiting[sub] = found
+                        return Resume([], None)
+                    fanout.activate(sub)
+                    span.append((found, cut))
+            after, upto = span[0]
+            return Resume(self._entries(sub.channels, after, upto), None)
         except redis.RedisError as exc:
             raise BusError(f"could not read the history from Redis: {exc}") from exc
 
-    def _read_replay(self, channels: Iterable[str], last_event_id: str, cut: str) -> Resume:
+    def _locate(self, last_event_id: str) -> tuple[int, int] | Reset:
+        """The stream position *last_event_id* stands for, or why it cannot be resumed."""
         client = self._client
         info = client.xinfo_stream(self.key) if client.exists(self.key) else None
         head = self._head_id(info)
         if not last_event_id or len(last_event_id) > 256:
-            return Resume([], Reset("malformed", head))
+            return Reset("malformed", head)
         position = _sid(last_event_id)
         if position is None:
-            found = self._find_own_id(last_event_id)
-            if found is None:
-                return Resume([], Reset("unknown", head))
-            position = found
+            position = self._find_own_id(last_event_id)
+            if position is None:
+                return Reset("unknown", head)
         last_generated = _sid(_text(info["last-generated-id"])) if info else (0, 0)
         if last_generated is None or position > last_generated:
-            return Resume([], Reset("unknown", head))
+            return Reset("unknown", head)
         if _trimmed_after(info, position):
-            return Resume([], Reset("too-old", head))
-        cut_position = _sid(cut) or (0, 0)
-        if position >= cut_position:
-            return Resume([], None)
+            return Reset("too-old", head)
+        return position
+
+    def _entries(
+        self, channels: Iterable[str], after: tuple[int, int], upto: tuple[int, int]
+    ) -> list[bytes]:
+        """The encoded events of *channels* after *after*, up to *upto* included."""
         wanted = {channel.encode() for channel in channels}
-        start = f"({position[0]}-{position[1]}"
-        entries = cast(_Entries, client.xrange(self.key, min=start, max=cut))
-        return Resume(
-            [
-                self._message(entry_id, fields).payload
-                for entry_id, fields in entries
-                if fields.get(b"c") in wanted
-            ],
-            None,
+        entries = cast(
+            _Entries,
+            self._client.xrange(
+                self.key, min=f"({after[0]}-{after[1]}", max=f"{upto[0]}-{upto[1]}"
+            ),
         )
+        return [
+            self._message(entry_id, fields).payload
+            for entry_id, fields in entries
+            if fields.get(b"c") in wanted
+        ]
 
     def _head_id(self, info: dict[Any, Any] | None) -> str:
         if not info or not info.get("last-entry"):
@@ -333,6 +372,8 @@ class RedisBus(Bus):
         fanout = self._fanout
         assert fanout is not None
         for entry_id, fields in entries:
+            if self._waiting:
+                self._start_waiting(fanout, _sid(_text(entry_id)) or (0, 0))
             if fields.get(b"c") == _CONTROL:
                 self._control(fields)
                 with fanout.lock:
@@ -343,6 +384,14 @@ class RedisBus(Bus):
                 fanout.deliver(message)
                 self._last = entry_id.decode()
             _sync.cooperate()
+
+    def _start_waiting(self, fanout: Fanout, position: tuple[int, int]) -> None:
+        """Start delivery to the subscriptions whose resume point is before *position*."""
+        with fanout.lock:
+            ready = [sub for sub, after in self._waiting.items() if after < position]
+            for sub in ready:
+                del self._waiting[sub]
+                fanout.activate(sub)
 
     def _control(self, fields: dict[bytes, bytes]) -> None:
         try:
