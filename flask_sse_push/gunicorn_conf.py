@@ -4,7 +4,8 @@ Use it as is::
 
     gunicorn -c python:flask_sse_push.gunicorn_conf app:app
 
-or import its settings and hooks into your own configuration file. It selects the gevent
+or import its settings and hooks (``post_worker_init``, ``on_starting``, ``on_reload``) into
+your own configuration file. It selects the gevent
 worker, raises ``worker_connections`` above ``SSE_MAX_CONNECTIONS`` (gunicorn's default of
 1000 would otherwise cap the streams first and silently queue the rest), and ends every open
 stream as soon as a worker is told to stop (SIGTERM, or a SIGHUP reload), so that the worker
@@ -17,14 +18,12 @@ Environment variables: ``SSE_WORKER_CONNECTIONS`` (default 2000), ``GUNICORN_WOR
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any
 
-from flask import Flask
-
-from .config import SSE_BUS_URL, SSE_MAX_CONNECTIONS
-from .lifecycle import end_all_streams, log
-from .state import EXTENSION_KEY
+log = logging.getLogger("flask_sse_push")
 
 worker_class = "gevent"
 workers = int(os.environ.get("GUNICORN_WORKERS", "1"))
@@ -39,6 +38,8 @@ SHUTDOWN_POLL = 0.2
 def _watch(worker: Any) -> None:
     import gevent
 
+    from .lifecycle import end_all_streams
+
     while worker.alive:
         gevent.sleep(SHUTDOWN_POLL)
     ended = end_all_streams()
@@ -52,6 +53,11 @@ def _watch(worker: Any) -> None:
 
 
 def _check_limits(worker: Any) -> None:
+    from flask import Flask
+
+    from .config import SSE_BUS_URL, SSE_MAX_CONNECTIONS
+    from .state import EXTENSION_KEY
+
     app = worker.wsgi
     if not isinstance(app, Flask) or EXTENSION_KEY not in app.extensions:
         return
@@ -80,6 +86,24 @@ def _check_limits(worker: Any) -> None:
             limit + 100,
             SSE_MAX_CONNECTIONS,
         )
+
+
+def _forget_package(server: Any) -> None:
+    """gunicorn hook (master): drop the package's modules that importing this configuration
+    loaded into the master, so that every worker imports the package afresh from disk.
+    Otherwise each forked worker would inherit them, and after a deploy and a SIGHUP reload
+    the new workers would run the old modules mixed with new ones imported later. With
+    ``preload_app`` the app already holds them, so they stay."""
+    if getattr(server.cfg, "preload_app", False):
+        return
+    package = __name__.rpartition(".")[0]
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        if name != __name__:
+            del sys.modules[name]
+
+
+on_starting = _forget_package
+on_reload = _forget_package
 
 
 def post_worker_init(worker: Any) -> None:

@@ -20,7 +20,11 @@ CONF = "python:flask_sse_push.gunicorn_conf"
 
 
 def serve(
-    gunicorn: GunicornFactory, *, workers: int = 1, env: dict[str, str] | None = None, **sse: Any
+    gunicorn: GunicornFactory,
+    *,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+    **sse: Any,
 ) -> GunicornServer:
     """Serve the test app under ``gunicorn -k gevent`` with the package's gunicorn config;
     keyword arguments are ``SSE_*`` settings. Returns once the app answers."""

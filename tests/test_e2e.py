@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import psutil
@@ -15,6 +17,8 @@ from e2e import ManyStreams, dechunk, publish, read_events, reconnecting_read, s
 from helpers import GunicornFactory, raw_sse, wait_for
 from httpx_sse import connect_sse
 from sseparse import parse_all
+
+import flask_sse_push
 
 pytestmark = pytest.mark.e2e
 
@@ -272,3 +276,33 @@ def test_several_workers_on_the_memory_bus_warn(gunicorn: GunicornFactory) -> No
 def test_worker_connections_below_the_stream_limit_warn(gunicorn: GunicornFactory) -> None:
     server = serve(gunicorn, env={"SSE_WORKER_CONNECTIONS": "500"}, SSE_MAX_CONNECTIONS=1000)
     assert wait_for(lambda: "worker_connections (500) is not above" in server.log_text(), 10)
+
+
+def test_reload_after_a_deploy_runs_the_new_code(
+    gunicorn: GunicornFactory, tmp_path: Path
+) -> None:
+    """The gunicorn configuration module does not leave the package's modules in the master,
+    so workers started by a SIGHUP reload import the deployed code, not a mix."""
+    site = tmp_path / "site"
+    shutil.copytree(
+        Path(flask_sse_push.__file__).parent,
+        site / "flask_sse_push",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    # PYTHONSAFEPATH: `python -m gunicorn` would put the repository first on sys.path.
+    server = serve(gunicorn, env={"PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"})
+    (old_worker,) = server.worker_pids()
+    assert requests.head(server.url + "/stream", timeout=5).headers.get("X-Deployed") is None
+    blueprint = site / "flask_sse_push" / "blueprint.py"
+    code = blueprint.read_text()
+    marker = '    "X-Accel-Buffering": "no",\n'
+    assert marker in code
+    blueprint.write_text(code.replace(marker, marker + '    "X-Deployed": "2",\n'))
+    server.reload()
+    assert wait_for(lambda: old_worker not in server.worker_pids() and server.worker_pids(), 15)
+
+    def deployed() -> bool:
+        answer = requests.head(server.url + "/stream", timeout=5)
+        return answer.headers.get("X-Deployed") == "2"
+
+    assert wait_for(deployed, 15)
