@@ -11,7 +11,7 @@ Served by ``broadcast.py`` as ``gunicorn -c python:flask_sse_push.gunicorn_conf 
 
 Environment: ``BENCH_MAX_CONNECTIONS`` (``SSE_MAX_CONNECTIONS``, default 5000),
 ``BENCH_KEEPALIVE`` (``SSE_KEEPALIVE``, default 15) and ``SSE_BUS_URL`` (default
-``memory://``; the later ``--mode redis`` sets a redis URL).
+``memory://``; ``--mode redis`` sets ``redis://127.0.0.1:<port>/0``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Started by ``broadcast.py``, driven by JSON lines on stdin, answering JSON lines
 - ``{"cmd": "drain", "expected": K, "quiet": Q, "timeout": S}`` answers, with the figures
   of the window, once every open connection has received K events, or nothing arrived
   for Q seconds, or S seconds passed.
+- ``{"cmd": "per_port"}`` answers ``{"received": {"<local port>": K, ...}}``: the events each
+  ready connection received in the window, by its local port (the orchestrator maps the
+  ports to the server's workers).
 - ``{"cmd": "close"}`` closes every connection and exits.
 
 Per connection it decodes HTTP/1.1 chunked encoding (or reads a plain body), splits the event
@@ -60,6 +63,7 @@ class Conn:
         "head",
         "headers_done",
         "last_n",
+        "lport",
         "ready_at",
         "received",
         "sock",
@@ -73,6 +77,8 @@ class Conn:
         self.started = started
         self.connected_at = 0.0
         self.ready_at = 0.0
+        #: The local port, which tells the server's worker holding the other end.
+        self.lport = 0
         self.head = b""
         self.headers_done = False
         self.status = 0
@@ -186,6 +192,10 @@ class Client:
             self.reply({"ok": True})
         elif name == "drain":
             self.set_goal(cmd)
+        elif name == "per_port":
+            # Events received in the window by each ready connection, by its local port.
+            counts = {str(c.lport): c.received for c in self.everyone() if c.ready_at}
+            self.reply({"ok": True, "received": counts})
         elif name == "close":
             for conn in list(self.conns.values()):
                 self.drop(conn, None)
@@ -325,6 +335,8 @@ class Client:
             self.open_more()
             return
         conn.connected_at = time.monotonic()
+        with contextlib.suppress(OSError):
+            conn.lport = sock.getsockname()[1]
         try:
             sock.sendall(self.request)  # tiny; fits the empty send buffer
         except OSError as exc:

@@ -4,10 +4,10 @@ Every process is started with :class:`subprocess.Popen` and tracked in :data:`RE
 :class:`psutil.Process` (which checks the creation time, so a recycled pid is never
 signalled); :func:`stop_all` ends them by pid. Every wait is bounded.
 
-A *target* is a server the benchmark compares. A mode (see ``broadcast.py``) is a list of
-targets plus any helper services; the later ``--mode redis`` only needs a
-:class:`FlaskTarget` with ``workers=4`` and ``SSE_BUS_URL`` in ``env``, and a
-:class:`Service` for redis-server.
+A *target* is a server the benchmark compares. A mode (see ``broadcast.py``) builds its
+Flask target plus any helper *services*: ``--mode redis`` is a :class:`FlaskTarget` with
+``workers=4``, ``SSE_BUS_URL`` in ``env`` and a :class:`RedisService` whose CPU is measured
+apart from the workers'.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import http.client
 import json
 import os
 import queue
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import psutil
-from benchutil import HOST, STREAM_PATH
+from benchutil import HOST, STREAM_PATH, free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -86,6 +88,140 @@ def http_request(
         return response.status, body
 
 
+def _sum_cpu(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+class RedisService:
+    """A throwaway ``redis-server`` on a free 127.0.0.1 port without persistence.
+
+    Started once per benchmark invocation and tracked in :data:`REGISTRY`; :meth:`stop` ends
+    it by pid (SIGTERM, SIGKILL after a bounded wait). :meth:`reset` empties it before each
+    run, so every run starts from the same (empty) stream.
+    """
+
+    name = "redis-server"
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.port = 0
+        self.url = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ps: psutil.Process | None = None
+        self.log_path: Path | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> dict[str, str]:
+        """Start redis-server, wait (at most *timeout* s) for ``PING``; return its settings."""
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not on PATH (Debian package redis-server)")
+        self.port = free_port()
+        self.url = f"redis://{HOST}:{self.port}/0"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.log_dir / f"redis-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        argv = [exe, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+        argv += ["--dir", str(self.log_dir)]
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=self.log_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.ps = track(self.proc.pid)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited at start; see {self.log_path}")
+            if self._command("PING") == "+PONG":
+                return {"SSE_BUS_URL": self.url}
+            time.sleep(0.1)
+        raise RuntimeError(f"redis-server did not answer in {timeout:.0f} s; see {self.log_path}")
+
+    def _command(self, *words: str, timeout: float = 2.0) -> str | None:
+        """Send one inline command and return the first reply line (``None`` on error)."""
+        try:
+            with socket.create_connection((HOST, self.port), timeout=timeout) as sock:
+                sock.sendall(" ".join(words).encode() + b"\r\n")
+                reply = b""
+                while not reply.endswith(b"\r\n"):
+                    data = sock.recv(4096)
+                    if not data:
+                        break
+                    reply += data
+        except OSError:
+            return None
+        return reply.decode("utf-8", "replace").strip()
+
+    def client_names(self) -> dict[str, int]:
+        """How many connections redis-server has under each client name (``CLIENT LIST``);
+        the Redis bus names its connections ``flask-sse-push:receive:<pid>`` and
+        ``flask-sse-push:publish:<pid>``. Empty when the server cannot be asked."""
+        try:
+            with socket.create_connection((HOST, self.port), timeout=5.0) as sock:
+                sock.sendall(b"CLIENT LIST\r\n")
+                data = b""
+                while b"\r\n" not in data:
+                    more = sock.recv(65536)
+                    if not more:
+                        return {}
+                    data += more
+                head, _, body = data.partition(b"\r\n")
+                if not head.startswith(b"$"):
+                    return {}
+                size = int(head[1:])
+                while len(body) < size + 2:
+                    more = sock.recv(65536)
+                    if not more:
+                        return {}
+                    body += more
+        except (OSError, ValueError):
+            return {}
+        names: dict[str, int] = {}
+        for line in body[:size].decode("utf-8", "replace").splitlines():
+            fields = dict(f.split("=", 1) for f in line.split(" ") if "=" in f)
+            name = fields.get("name", "")
+            if name:
+                names[name] = names.get(name, 0) + 1
+        return names
+
+    def reset(self) -> None:
+        """Empty the server (``FLUSHALL``) before a run."""
+        reply = self._command("FLUSHALL", timeout=10.0)
+        if reply != "+OK":
+            raise RuntimeError(f"redis-server FLUSHALL answered {reply!r}; see {self.log_path}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of redis-server so far."""
+        return _sum_cpu([self.ps]) if self.ps is not None else 0.0
+
+    def stop(self) -> None:
+        """Stop redis-server by pid (SIGTERM, SIGKILL after 5 s)."""
+        if self.ps is not None:
+            stop_procs([self.ps], timeout=5)
+            if self.ps in REGISTRY:
+                REGISTRY.remove(self.ps)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=2)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of redis-server's log."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text("utf-8", "replace").splitlines()[-lines:])
+
+
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     paths = [str(BENCH_DIR), str(REPO_ROOT)]
@@ -104,6 +240,9 @@ class Target(ABC):
     name: str = ""
 
     def __init__(self) -> None:
+        #: Helper processes serving this target (redis-server): their CPU is measured, and
+        #: reported, apart from the workers'.
+        self.services: list[RedisService] = []
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
@@ -150,6 +289,35 @@ class Target(ABC):
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not start within {timeout:.0f} s; see {log_path}")
 
+    def settle(self, timeout: float = 10.0, window: float = 0.5) -> float:
+        """Wait until every measured process has booted and is idle; return the seconds waited.
+
+        :meth:`start` returns once ONE worker answers; the others may still be importing the
+        app, and their memory would count as the connections'. So: a few requests (which the
+        kernel spreads over the workers, so each handles its first request now), then wait
+        (at most *timeout* s) until, over *window* seconds, no process used more than 20 ms
+        of CPU and none grew by more than 64 KB.
+        """
+        started = time.monotonic()
+        for _ in range(10 * len(self.measured)):
+            with contextlib.suppress(OSError):
+                http_request(self.port, "GET", "/bench/ping", timeout=2)
+        deadline = started + timeout
+        before = self._usage()
+        while time.monotonic() < deadline:
+            time.sleep(window)
+            after = self._usage()
+            if all(
+                cpu1 - cpu0 <= 0.02 and rss1 - rss0 <= 65536
+                for (cpu0, rss0), (cpu1, rss1) in zip(before, after, strict=True)
+            ):
+                break
+            before = after
+        return time.monotonic() - started
+
+    def _usage(self) -> list[tuple[float, int]]:
+        return [(_sum_cpu([p]), p.memory_info().rss) for p in self.measured]
+
     def find_workers(self) -> list[psutil.Process]:
         """The serving processes (default: the started process itself)."""
         assert self.proc is not None
@@ -165,15 +333,37 @@ class Target(ABC):
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the measured processes so far."""
-        total = 0.0
+        return _sum_cpu(self.measured)
+
+    def service_cpu_seconds(self) -> float:
+        """User + system CPU seconds of the helper services so far."""
+        return sum(service.cpu_seconds() for service in self.services)
+
+    def streams_by_worker(self) -> list[set[int]]:
+        """Per measured process, the remote (client) ports of its established connections to
+        the server's port: which worker the kernel handed each client to."""
+        out: list[set[int]] = []
         for proc in self.measured:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        return total
+            try:
+                conns = proc.net_connections(kind="tcp")
+            except psutil.Error:
+                conns = []
+            out.append(
+                {
+                    c.raddr.port
+                    for c in conns
+                    if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port and c.raddr
+                }
+            )
+        return out
 
     def rss_bytes(self) -> int:
         """Resident memory of the measured processes."""
-        return sum(proc.memory_info().rss for proc in self.measured)
+        return sum(self.rss_by_worker())
+
+    def rss_by_worker(self) -> list[int]:
+        """Resident memory of each measured process."""
+        return [proc.memory_info().rss for proc in self.measured]
 
     def stop(self) -> None:
         """Stop the server and its workers by pid (SIGTERM, then SIGKILL after 10 s)."""
@@ -208,10 +398,20 @@ class FlaskTarget(Target):
 
     name = "flask-sse-push"
 
-    def __init__(self, workers: int = 1, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        *,
+        name: str | None = None,
+        services: list[RedisService] | None = None,
+    ) -> None:
         super().__init__()
         self.workers = workers
         self.env = dict(env or {})
+        if name is not None:
+            self.name = name
+        self.services = list(services or [])
 
     def command(self, port: int, clients: int) -> tuple[list[str], dict[str, str]]:
         argv = [
