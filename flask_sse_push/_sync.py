@@ -12,6 +12,8 @@ import sys
 import threading
 from typing import Any, Protocol
 
+from greenlet import getcurrent
+
 
 class Waitable(Protocol):
     """The part of ``threading.Event`` that subscriptions use."""
@@ -45,13 +47,15 @@ class Park:
     called from the hub's own thread (any greenlet of the worker), like gevent's event.
     """
 
-    __slots__ = ("_flag", "_hub", "_waiter")
+    __slots__ = ("_flag", "_hub", "_schedule", "_waiter")
 
     def __init__(self) -> None:
         from gevent.hub import get_hub
 
         self._hub = get_hub()
+        self._schedule = self._hub.loop.run_callback
         self._flag = False
+        #: The parked greenlet's ``switch``, while one is parked.
         self._waiter: Any = None
 
     def set(self) -> None:
@@ -60,7 +64,7 @@ class Park:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
-            self._hub.loop.run_callback(waiter.switch)
+            self._schedule(waiter)
 
     def clear(self) -> None:
         """Reset the flag."""
@@ -70,14 +74,12 @@ class Park:
         """Park until :meth:`set` or *timeout* seconds; return the flag."""
         if self._flag:
             return True
-        from greenlet import getcurrent
-
-        current = getcurrent()
+        waiter = getcurrent().switch
         timer = None
         if timeout is not None:
             timer = self._hub.loop.timer(max(timeout, 0.0))
-            timer.start(self._expire, current)
-        self._waiter = current
+            timer.start(self._expire, waiter)
+        self._waiter = waiter
         try:
             self._hub.switch()
         finally:
@@ -89,7 +91,7 @@ class Park:
     def _expire(self, waiter: Any) -> None:
         if self._waiter is waiter:
             self._waiter = None
-            waiter.switch()
+            waiter()
 
 
 def new_lock() -> Any:
