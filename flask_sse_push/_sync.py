@@ -47,7 +47,7 @@ class Park:
     called from the hub's own thread (any greenlet of the worker), like gevent's event.
     """
 
-    __slots__ = ("_flag", "_hub", "_schedule", "_waiter")
+    __slots__ = ("_callback", "_flag", "_hub", "_schedule", "_waiter")
 
     def __init__(self) -> None:
         from gevent.hub import get_hub
@@ -57,6 +57,8 @@ class Park:
         self._flag = False
         #: The parked greenlet's ``switch``, while one is parked.
         self._waiter: Any = None
+        #: The scheduled wake-up, until it has run.
+        self._callback: Any = None
 
     def set(self) -> None:
         """Set the flag and wake the waiter, if one is parked."""
@@ -64,7 +66,7 @@ class Park:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
-            self._schedule(waiter)
+            self._callback = self._schedule(waiter)
 
     def clear(self) -> None:
         """Reset the flag."""
@@ -82,8 +84,15 @@ class Park:
         self._waiter = waiter
         try:
             self._hub.switch()
+        except BaseException:
+            # Woken by something else (kill, a Timeout): a wake-up scheduled meanwhile must
+            # not land later in whatever this greenlet waits on next.
+            if self._callback is not None:
+                self._callback.stop()
+            raise
         finally:
             self._waiter = None
+            self._callback = None
             if timer is not None:
                 timer.close()
         return self._flag

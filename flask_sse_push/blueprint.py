@@ -211,7 +211,14 @@ class SSEBlueprint(Blueprint):
     def _initial(self, sub: Subscription, dumps: Callable[[Any], str]) -> bytes:
         parts = []
         for hook in self._on_connect:
-            for item in hook(sub.channels) or ():
+            result = hook(sub.channels)
+            if isinstance(result, (str, bytes, dict, Event)):
+                raise TypeError(
+                    f"on_connect hook {getattr(hook, '__name__', hook)!r} returned a "
+                    f"{type(result).__name__}; return a list (or yield) of events, "
+                    "e.g. [Event(...)]"
+                )
+            for item in result or ():
                 event = item if isinstance(item, Event) else Event(item)
                 parts.append(encode_event(event, dumps))
         return b"".join(parts)

@@ -13,6 +13,7 @@ import click
 from flask import current_app, url_for
 from flask.cli import AppGroup
 
+from .errors import BusError
 from .parser import EventParser
 from .state import get_state, send_event
 
@@ -64,6 +65,8 @@ def send_command(
         click.echo(send_event(value, event=event, id=event_id, retry=retry, channel=channel))
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
+    except BusError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @sse_cli.command("listen")

@@ -15,6 +15,7 @@ from typing import Any
 #: (``str.splitlines`` would also split at U+2028, U+0085 and friends).
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\x00]")
+_HEADER_SAFE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
 #: The longest ``event`` or ``id`` value accepted.
 MAX_FIELD_LENGTH = 256
@@ -77,16 +78,25 @@ def _check_utf8(name: str, value: str) -> None:
 def check_id(value: object) -> str:
     """Validate a caller-given event id.
 
-    An empty id is refused: on the wire it would clear the client's resume point.
+    The browser sends the id back in the ``Last-Event-ID`` request header, so it must be
+    something a header carries unchanged: printable ASCII, without leading or trailing
+    spaces. An empty id is refused too: on the wire it would clear the client's resume point.
 
     :raises TypeError: see :func:`check_field`.
-    :raises ValueError: see :func:`check_field`, or when the id is empty.
+    :raises ValueError: see :func:`check_field`, or when the id is empty or would not
+        survive the trip back in a header.
     """
     text = check_field("id", value)
     if not text:
         raise ValueError(
             "id must not be empty: an empty id resets the client's Last-Event-ID; "
             "pass id=None to let the bus assign one"
+        )
+    if not _HEADER_SAFE.fullmatch(text):
+        raise ValueError(
+            f"id {text!r} must be printable ASCII without leading or trailing spaces: the "
+            "browser sends it back in the Last-Event-ID header, which would change or "
+            "refuse other characters"
         )
     return text
 

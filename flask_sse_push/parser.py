@@ -50,7 +50,9 @@ class EventParser:
     def feed(self, chunk: bytes) -> list[ServerEvent]:
         """Parse *chunk* and return the events it completed."""
         text = self._decoder.decode(chunk)
-        if not self._started and text:
+        if not text:
+            return []
+        if not self._started:
             self._started = True
             text = text.removeprefix("\ufeff")
         events: list[ServerEvent] = []

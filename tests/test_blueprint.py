@@ -452,3 +452,36 @@ def wait_for_ids(ids: list[str], thread: threading.Thread, timeout: float) -> bo
     while not ids and time.monotonic() < deadline:
         time.sleep(0.001)
     return bool(ids)
+
+
+def test_a_failing_client_dropped_receiver_breaks_nothing(make: Maker) -> None:
+    app, _ = make(SSE_QUEUE_SIZE=2)
+
+    def fail(sender: Flask, **kwargs: Any) -> None:
+        raise RuntimeError("receiver bug")
+
+    client = app.test_client()
+    with (
+        signals.client_dropped.connected_to(fail, sender=app),
+        EventReader(client.get("/stream?channel=a", buffered=False)) as fast,
+    ):
+        stalled = client.get("/stream?channel=a", buffered=False)
+        next(iter(stalled.response))
+        for i in range(4):  # the third overflows the stalled reader's queue
+            with app.app_context():
+                event_id = send_event(i, channel="a")
+            assert [e.id for e in fast.events(count=1)] == [event_id]
+        stalled.close()
+
+
+def test_on_connect_hook_returning_a_single_value_is_a_clear_error(make: Maker) -> None:
+    app, blueprint = make()
+
+    @blueprint.on_connect
+    def state(channels: frozenset[str]) -> Any:
+        return "ready"
+
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+    with pytest.raises(TypeError, match="return a list"):
+        app.test_client().get("/stream")
+    assert connections(app) == 0

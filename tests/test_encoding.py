@@ -103,6 +103,12 @@ def test_wrong_types_are_refused() -> None:
     assert check_id(7) == "7"
 
 
+@pytest.mark.parametrize("bad", ["café-1", "x\x01", "x\x7f", " lead", "trail ", "tab\t"])
+def test_ids_that_would_not_survive_the_last_event_id_header_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="printable ASCII"):
+        check_id(bad)
+
+
 def test_empty_id_is_refused() -> None:
     with pytest.raises(ValueError, match="resets the client's Last-Event-ID"):
         check_id("")
@@ -149,6 +155,18 @@ def test_keepalive_and_retry_between_events_change_nothing() -> None:
 
 def test_utf8_is_encoded_once_and_round_trips() -> None:
     text = "naïve ☃ 😀"
-    body = encode_event(Event(text, event="ünï", id="ïd"), dumps)
+    body = encode_event(Event(text, event="ünï", id="i d"), dumps)
     (event,) = parse_all(body)
-    assert (event.data, event.type, event.last_event_id) == (text, "ünï", "ïd")
+    assert (event.data, event.type, event.last_event_id) == (text, "ünï", "i d")
+
+
+def test_package_parser_keeps_a_crlf_split_by_an_empty_chunk() -> None:
+    from flask_sse_push.parser import EventParser
+
+    parser = EventParser()
+    events = [
+        *parser.feed(b"data: a\r"),
+        *parser.feed(b""),
+        *parser.feed(b"\ndata: b\r\n\r\n"),
+    ]
+    assert [e.data for e in events] == ["a\nb"]

@@ -8,6 +8,7 @@ already-encoded events; a publisher never waits for a client.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import weakref
@@ -18,6 +19,8 @@ from typing import Any, ClassVar, NamedTuple
 
 from .. import _sync
 from ..config import Settings
+
+log = logging.getLogger("flask_sse_push")
 
 #: Why a stream was ended by the server.
 SLOW = "slow"
@@ -215,7 +218,10 @@ class Fanout:
                 slow.append(sub)
         for sub in slow:
             self.remove(sub)
-            self._on_slow(sub)
+            try:
+                self._on_slow(sub)
+            except Exception:  # a receiver's bug must not break delivery to others
+                log.exception("flask-sse-push: a client_dropped receiver failed")
         return len(subs)
 
     def end(self, reason: str, predicate: Callable[[Subscription], bool]) -> int:

@@ -374,15 +374,18 @@ class RedisBus(Bus):
         for entry_id, fields in entries:
             if self._waiting:
                 self._start_waiting(fanout, _sid(_text(entry_id)) or (0, 0))
-            if fields.get(b"c") == _CONTROL:
-                self._control(fields)
+            try:
+                if fields.get(b"c") == _CONTROL:
+                    self._control(fields)
+                else:
+                    message = self._message(entry_id, fields)
+                    with fanout.lock:
+                        fanout.deliver(message)
+            except Exception:  # one bad entry must not stop delivery, nor come back
+                log.exception("flask-sse-push: skipped stream entry %r", entry_id)
+            finally:
                 with fanout.lock:
                     self._last = entry_id.decode()
-                continue
-            message = self._message(entry_id, fields)
-            with fanout.lock:
-                fanout.deliver(message)
-                self._last = entry_id.decode()
             _sync.cooperate()
 
     def _start_waiting(self, fanout: Fanout, position: tuple[int, int]) -> None:
