@@ -15,7 +15,7 @@ from .bus.base import Resume, Subscription
 from .encoding import Event, comment, encode_event, retry_line
 from .errors import ConfigurationError
 from .state import EXTENSION_KEY, SSEState, check_channel, get_state
-from .stream import EventStream
+from .stream import EventStream, client_socket
 
 #: Event type of the reset signal: replay from the client's ``Last-Event-ID`` was impossible
 #: (too old, unknown or malformed), so the client should refetch its state.
@@ -190,6 +190,7 @@ class SSEBlueprint(Blueprint):
             keepalive=settings.keepalive,
             max_lifetime=settings.max_lifetime,
             on_close=closed,
+            sock=client_socket(request.environ, settings.send_timeout),
         )
         return Response(stream, 200, headers, content_type=_CONTENT_TYPE, direct_passthrough=True)
 

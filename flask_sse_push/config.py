@@ -34,6 +34,8 @@ SSE_MAX_LIFETIME = "SSE_MAX_LIFETIME"
 #: Seconds ``send_event`` may wait for a remote bus before it raises.
 SSE_PUBLISH_TIMEOUT = "SSE_PUBLISH_TIMEOUT"
 
+#: Seconds a write to a client may stall before the connection is dropped (``0``: never).
+SSE_SEND_TIMEOUT = "SSE_SEND_TIMEOUT"
 #: Redis key of the app's event stream (default: ``flask-sse-push:<app import name>``).
 SSE_REDIS_KEY = "SSE_REDIS_KEY"
 #: Serve ``GET <prefix>/stats`` (open streams per channel of the answering process, as JSON).
@@ -52,6 +54,7 @@ DEFAULTS: Mapping[str, Any] = {
     SSE_PUBLISH_TIMEOUT: 5.0,
     SSE_STATS: False,
     SSE_REDIS_KEY: None,
+    SSE_SEND_TIMEOUT: 30.0,
 }
 
 #: Channel names: 1 to 128 characters out of letters, digits and ``_-.:@/``.
@@ -93,6 +96,8 @@ class Settings:
     :param publish_timeout: seconds a publish may wait on a remote bus.
     :param stats: whether ``<prefix>/stats`` is served.
     :param redis_key: the Redis stream's key, or ``None`` for the default.
+    :param send_timeout: seconds a write may stall before the client is dropped, ``0``
+        for never.
     """
 
     keepalive: float
@@ -107,6 +112,7 @@ class Settings:
     publish_timeout: float
     stats: bool
     redis_key: str | None
+    send_timeout: float
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -144,4 +150,5 @@ class Settings:
             ),
             stats=bool(config[SSE_STATS]),
             redis_key=_optional_text(config, SSE_REDIS_KEY),
+            send_timeout=float(_number(config, SSE_SEND_TIMEOUT, minimum=0, integer=False)),
         )

@@ -35,10 +35,14 @@ worker_connections = int(os.environ.get("SSE_WORKER_CONNECTIONS", "2000"))
 SHUTDOWN_POLL = 0.2
 
 
+#: Seconds streams get to end by themselves at shutdown before stuck ones are cut.
+ABORT_AFTER = 2.0
+
+
 def _watch(worker: Any) -> None:
     import gevent
 
-    from .lifecycle import end_all_streams
+    from .lifecycle import abort_stalled_streams, end_all_streams
 
     while worker.alive:
         gevent.sleep(SHUTDOWN_POLL)
@@ -46,10 +50,15 @@ def _watch(worker: Any) -> None:
     log.info("flask-sse-push: worker %s ended %d streams for shutdown", worker.pid, ended)
     # gunicorn goes on accepting for up to a second after it was told to stop; a stream
     # that slips in then is answered with a retry hint by the view, and ended here at the
-    # latest, until the process exits.
+    # latest, until the process exits. Streams whose client stopped reading cannot end
+    # (their last write is stuck): their connections are cut after ABORT_AFTER seconds.
+    waited = 0.0
     while True:
         gevent.sleep(SHUTDOWN_POLL)
+        waited += SHUTDOWN_POLL
         end_all_streams()
+        if waited >= ABORT_AFTER:
+            abort_stalled_streams()
 
 
 def _check_limits(worker: Any) -> None:

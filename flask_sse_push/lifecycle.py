@@ -21,14 +21,24 @@ _stopping: list[int] = []
 
 
 class Stoppable(Protocol):
-    """A per-request stream that can be told to end."""
+    """An open stream that can be told to end, or cut."""
 
     def stop(self) -> None: ...
 
+    def abort(self) -> None: ...
+
 
 def track_response(response: Stoppable) -> None:
-    """Include a per-request stream in :func:`end_all_streams`."""
+    """Include an open stream in :func:`end_all_streams` and :func:`abort_stalled_streams`."""
     _responses.add(response)
+
+
+def abort_stalled_streams() -> None:
+    """Cut the connections of streams still open after :func:`end_all_streams`: their
+    clients stopped reading, so their last writes are stuck (the server would otherwise
+    wait for them until its graceful timeout)."""
+    for response in list(_responses):
+        response.abort()
 
 
 def track(bus: Bus) -> None:

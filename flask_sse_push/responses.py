@@ -25,16 +25,18 @@ import asyncio
 import contextlib
 import logging
 import queue
+import socket
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from typing import Any
 
 from flask import Response as FlaskResponse
-from flask import copy_current_request_context, current_app, has_request_context
+from flask import copy_current_request_context, current_app, has_request_context, request
 
 from . import _sync, lifecycle
-from .config import DEFAULTS, SSE_KEEPALIVE, SSE_RETRY
+from .config import DEFAULTS, SSE_KEEPALIVE, SSE_RETRY, SSE_SEND_TIMEOUT
 from .encoding import KEEPALIVE, Event, comment, encode_event, retry_line
 from .state import EXTENSION_KEY
+from .stream import client_socket
 
 log = logging.getLogger("flask_sse_push")
 
@@ -123,9 +125,13 @@ class _Body:
     """The response body: iterates *events*; :meth:`close` (the server's call when the
     client is gone) also works while another thread is iterating."""
 
-    def __init__(self, events: Iterator[bytes], producer: _Producer) -> None:
+    def __init__(
+        self, events: Iterator[bytes], producer: _Producer, sock: socket.socket | None
+    ) -> None:
         self._events = events
         self._producer = producer
+        self._sock = sock
+        self._done = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self._events
@@ -136,7 +142,14 @@ class _Body:
         with contextlib.suppress(queue.Full):
             self._producer.queue.put_nowait(_END)  # wakes a waiting reader
 
+    def abort(self) -> None:
+        """Cut the connection if the stream is still writing after :meth:`stop`."""
+        if not self._done and self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
+        self._done = True
         self.stop()
         with contextlib.suppress(ValueError):  # "generator already executing" elsewhere
             close = getattr(self._events, "close", None)
@@ -211,7 +224,12 @@ def sse_response(
             if hasattr(worker, "kill"):
                 worker.kill(block=False)  # a greenlet: GeneratorExit/GreenletExit at its wait
 
-    stream = _Body(body(), producer)
+    sock = None
+    if has_request_context():
+        settings = state.settings if state is not None else None
+        timeout = settings.send_timeout if settings is not None else DEFAULTS[SSE_SEND_TIMEOUT]
+        sock = client_socket(request.environ, timeout)
+    stream = _Body(body(), producer, sock)
     lifecycle.track_response(stream)
     response = FlaskResponse(
         stream,

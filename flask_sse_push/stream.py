@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import socket
 import time
 from collections.abc import Callable, Generator, Iterator
+from typing import Any
 
-from .bus.base import CLOSED, LIFETIME, Bus, Subscription
+from . import lifecycle
+from .bus.base import CLOSED, LIFETIME, SHUTDOWN, Bus, Subscription
 from .encoding import KEEPALIVE, comment
 from .errors import BusError
 
 #: Longest pause, in seconds, between attempts to fetch a replay from an unreachable bus.
 RETRY_CAP = 2.0
+
+
+def client_socket(environ: dict[str, Any], send_timeout: float) -> socket.socket | None:
+    """The client's socket, where the server tells it (gunicorn, Werkzeug), with
+    *send_timeout* applied to writes that stall (``0``: none)."""
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if not isinstance(sock, socket.socket):
+        return None
+    if send_timeout:
+        with contextlib.suppress(OSError):
+            sock.settimeout(send_timeout)
+    return sock
 
 
 class EventStream:
@@ -46,13 +61,27 @@ class EventStream:
         keepalive: float,
         max_lifetime: float = 0.0,
         on_close: Callable[[Subscription], None] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.sub = sub
         self._bus = bus
         self._on_close = on_close
         self._finished = False
         self._catch_up = catch_up
+        self._sock = sock
         self._events = self._run(head, keepalive or None, max_lifetime)
+        lifecycle.track_response(self)
+
+    def stop(self) -> None:
+        """End the stream at shutdown (see :func:`~flask_sse_push.end_all_streams`)."""
+        self.sub.end(SHUTDOWN)
+
+    def abort(self) -> None:
+        """Cut the connection of a stream that did not end after :meth:`stop`, because its
+        client stopped reading and a write is stuck: the write fails at once."""
+        if not self._finished and self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
 
     def __iter__(self) -> Iterator[bytes]:
         return self._events

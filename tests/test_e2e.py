@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -278,9 +279,7 @@ def test_worker_connections_below_the_stream_limit_warn(gunicorn: GunicornFactor
     assert wait_for(lambda: "worker_connections (500) is not above" in server.log_text(), 10)
 
 
-def test_reload_after_a_deploy_runs_the_new_code(
-    gunicorn: GunicornFactory, tmp_path: Path
-) -> None:
+def test_reload_after_a_deploy_runs_the_new_code(gunicorn: GunicornFactory, tmp_path: Path) -> None:
     """The gunicorn configuration module does not leave the package's modules in the master,
     so workers started by a SIGHUP reload import the deployed code, not a mix."""
     site = tmp_path / "site"
@@ -306,3 +305,25 @@ def test_reload_after_a_deploy_runs_the_new_code(
         return answer.headers.get("X-Deployed") == "2"
 
     assert wait_for(deployed, 15)
+
+
+def test_a_client_that_stopped_reading_does_not_hold_up_shutdown(
+    gunicorn: GunicornFactory,
+) -> None:
+    server = serve(gunicorn, SSE_QUEUE_SIZE=64)
+    stalled = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(b"GET /stream?channel=load HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert stalled.recv(4096).startswith(b"HTTP/1.1 200")
+        # 16 MB for a reader that never reads: the server's write to it gets stuck.
+        answer = requests.post(
+            f"{server.url}/publish-many?n=2000&size=8000&channel=load", timeout=30
+        )
+        assert answer.status_code == 200
+        exited_after = server.stop(timeout=20)
+    finally:
+        stalled.close()
+    # graceful_timeout is 30 s; the stuck write is cut 2 s after SIGTERM.
+    assert exited_after < 8
+    assert "Worker graceful timeout" not in server.log_text()
