@@ -26,6 +26,7 @@ import contextlib
 import logging
 import queue
 import socket
+from collections import deque
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from typing import Any
 
@@ -82,7 +83,10 @@ class _Producer:
     def run(self) -> None:
         try:
             if isinstance(self.source, AsyncIterable):
-                asyncio.run(self._run_async(self.source))
+                if _sync.gevent_active():
+                    self._run_async_in_thread(self.source)
+                else:
+                    asyncio.run(self._run_async(self.source, self.queue.put_nowait))
             else:
                 self._run_sync(self.source)
         except BaseException as exc:  # reported to the client as the stream's end
@@ -101,7 +105,63 @@ class _Producer:
             if close is not None:
                 close()
 
-    async def _run_async(self, source: AsyncIterable[Any]) -> None:
+    def _run_async_in_thread(self, source: AsyncIterable[Any]) -> None:
+        """Under gevent: run the event loop in a real thread of the hub's pool (asyncio
+        allows one running loop per thread, and all greenlets share one) and move its events
+        over to this greenlet."""
+        import gevent
+        from gevent.hub import get_hub
+        from gevent.monkey import get_original
+
+        hub = get_hub()
+        notify = hub.loop.async_()
+        handoff: deque[object] = deque()
+        guard = get_original("_thread", "allocate_lock")()
+        closed = False
+
+        def wake() -> None:
+            with guard:
+                if not closed:
+                    notify.send()
+
+        def offer(data: bytes) -> None:
+            if len(handoff) >= _AHEAD:
+                raise queue.Full
+            handoff.append(data)
+            wake()
+
+        def in_thread() -> None:
+            try:
+                asyncio.run(self._run_async(source, offer))
+            except BaseException as exc:
+                handoff.append(_Failure(exc))
+            finally:
+                handoff.append(_END)
+                wake()
+
+        if has_request_context():
+            in_thread = copy_current_request_context(in_thread)
+        hub.threadpool.spawn(in_thread)
+        try:
+            while True:
+                while handoff:
+                    item = handoff.popleft()
+                    if item is _END:
+                        return
+                    if isinstance(item, _Failure):
+                        raise item.error
+                    if not self._put(item):
+                        return  # stopped: the thread sees it and ends
+                with gevent.Timeout(0.05, False):
+                    hub.wait(notify)
+        finally:
+            with guard:
+                closed = True
+                notify.close()
+
+    async def _run_async(
+        self, source: AsyncIterable[Any], offer: Callable[[bytes], None]
+    ) -> None:
         iterator = source.__aiter__()
         try:
             async for item in iterator:
@@ -109,7 +169,7 @@ class _Producer:
                 data = self.encode(item)
                 while not self.stopped:
                     try:
-                        self.queue.put_nowait(data)
+                        offer(data)
                         break
                     except queue.Full:
                         await asyncio.sleep(0.01)

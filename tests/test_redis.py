@@ -327,3 +327,27 @@ def test_revoking_a_channel_ends_its_streams_on_every_worker(
         assert all(c.connects == 1 for c in crowd.clients if "open" in c.path)
     finally:
         crowd.close()
+
+
+def test_a_receiver_left_behind_by_trimming_never_skips_silently(redis_app: Flask) -> None:
+    """A burst much larger than the stream keeps: the receiver either delivers every event
+    or ends its streams with ``lagged`` (so clients resync); it never leaves a silent gap."""
+    publish_in(redis_app, "start", channel="a")
+    app_state = get_state(redis_app)
+    response = redis_app.test_client().get("/stream?channel=a", buffered=False)
+    with EventReader(response) as reader:
+        assert wait_for(lambda: app_state.bus.connection_count() == 1, 5)
+        time.sleep(0.3)
+        client = app_state.bus._client  # the same stream and entry format as send_event
+        pipe = client.pipeline(transaction=False)
+        for i in range(20000):
+            pipe.xadd(app_state.bus.key, {"c": "a", "b": f"data: {i}\n\n"}, maxlen=1000)
+        pipe.execute()
+        events = reader.events(count=20000, timeout=20)
+        numbers = [int(e.data) for e in events]
+        if " lagged" in reader.parser.comments:
+            # Ended for a resync: what came before the end has no gap.
+            assert reader.ended
+            assert numbers == list(range(len(numbers)))
+        else:
+            assert numbers == list(range(20000))

@@ -7,6 +7,7 @@ import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -156,3 +157,19 @@ def test_per_request_streams_end_at_shutdown(gunicorn: GunicornFactory) -> None:
     assert server.stop(timeout=15) < 5
     assert ended_after < 5
     assert "Worker graceful timeout" not in server.log_text()
+
+
+@pytest.mark.e2e
+def test_concurrent_async_generators_under_gevent(gunicorn: GunicornFactory) -> None:
+    server = serve(gunicorn)
+
+    def tokens(n: int) -> list[str]:
+        answer = requests.post(
+            server.url + "/tokens", json={"prompt": f"w{n} x{n} y{n} z{n}"}, timeout=20
+        )
+        return [e.data for e in parse_all(answer.content)]
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(tokens, range(6)))
+    for n, got in enumerate(results):
+        assert got == [f'{{"token": "{w}{n}"}}' for w in "wxyz"]

@@ -22,6 +22,7 @@ import random
 import re
 import socket
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -43,6 +44,8 @@ _STREAM_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 LAGGED = "lagged"
 #: Field values of control entries (not events) in the stream.
 _CONTROL = b"\x00control"
+#: Entries read at most at once; a full batch means the receiver is behind.
+_BATCH = 500
 #: Longest wait of one ``XREAD BLOCK``, in milliseconds.
 _BLOCK_MS = 1000
 #: How long a worker's published stream counts stay valid, in seconds.
@@ -63,6 +66,7 @@ class RedisBus(Bus):
 
     _client: redis.Redis
     _receiver: Any
+    _reader: redis.Redis | None
     _last: str | None
     _start_id: str | None
 
@@ -92,6 +96,7 @@ class RedisBus(Bus):
         )
         self._client = redis.Redis(connection_pool=pool)
         self._receiver = None
+        self._reader = None
         self._stopped = False
         #: Subscriptions waiting for the receiver to pass their resume point.
         self._waiting: dict[Subscription, tuple[int, int]] = {}
@@ -108,7 +113,9 @@ class RedisBus(Bus):
         # subscription is delivered live (the receiver starts from here).
         with contextlib.suppress(redis.RedisError):  # else the receiver learns it later
             self._learn_position(self._client)
-        self._receiver = _sync.spawn(self._receive_loop, self.fanout, name=f"sse-redis-{self.name}")
+        self._receiver = _sync.spawn(
+            _receive_loop, weakref.ref(self), self.fanout, name=f"sse-redis-{self.name}"
+        )
 
     def _learn_position(self, client: redis.Redis) -> dict[Any, Any] | None:
         info = client.xinfo_stream(self.key) if client.exists(self.key) else None
@@ -209,13 +216,18 @@ class RedisBus(Bus):
             if not span:
                 if self._last is None:
                     raise BusError("the Redis receiver has not connected yet")
-                found = self._locate(last_event_id)
+                found, head = self._locate(last_event_id)
                 fanout = self.fanout
                 with fanout.lock:
-                    if isinstance(found, Reset):
-                        fanout.activate(sub)
-                        return Resume([], found)
                     cut = _sid(self._last) or (0, 0)
+                    if isinstance(found, Reset):
+                        # The client refetches its state as of the head: live delivery
+                        # starts after the head, even if this receiver is not there yet.
+                        if cut < head:
+                            self._waiting[sub] = head
+                        else:
+                            fanout.activate(sub)
+                        return Resume([], found)
                     if cut <= found:
                         # The receiver has not read past the resume point yet: it starts
                         # this subscription's delivery when it does.
@@ -224,28 +236,38 @@ class RedisBus(Bus):
                     fanout.activate(sub)
                     span.append((found, cut))
             after, upto = span[0]
-            return Resume(self._entries(sub.channels, after, upto), None)
+            replay = self._entries(sub.channels, after, upto)
+            # Trimming only removes the oldest entries: if nothing after the resume point is
+            # gone now, nothing was gone while the range above was read either.
+            client = self._client
+            info = client.xinfo_stream(self.key) if client.exists(self.key) else None
+            if _trimmed_after(info, after):
+                return Resume([], Reset("too-old", f"{upto[0]}-{upto[1]}"))
+            return Resume(replay, None)
         except redis.RedisError as exc:
             raise BusError(f"could not read the history from Redis: {exc}") from exc
 
-    def _locate(self, last_event_id: str) -> tuple[int, int] | Reset:
-        """The stream position *last_event_id* stands for, or why it cannot be resumed."""
+    def _locate(
+        self, last_event_id: str
+    ) -> tuple[tuple[int, int] | Reset, tuple[int, int]]:
+        """The stream position *last_event_id* stands for, or why it cannot be resumed; and
+        the position of the newest entry."""
         client = self._client
         info = client.xinfo_stream(self.key) if client.exists(self.key) else None
-        head = self._head_id(info)
+        head_id = self._head_id(info)
+        head = (_sid(_text(info["last-generated-id"])) if info else None) or (0, 0)
         if not last_event_id or len(last_event_id) > 256:
-            return Reset("malformed", head)
+            return Reset("malformed", head_id), head
         position = _sid(last_event_id)
         if position is None:
             position = self._find_own_id(last_event_id)
             if position is None:
-                return Reset("unknown", head)
-        last_generated = _sid(_text(info["last-generated-id"])) if info else (0, 0)
-        if last_generated is None or position > last_generated:
-            return Reset("unknown", head)
+                return Reset("unknown", head_id), head
+        if position > head:
+            return Reset("unknown", head_id), head
         if _trimmed_after(info, position):
-            return Reset("too-old", head)
-        return position
+            return Reset("too-old", head_id), head
+        return position, head
 
     def _entries(
         self, channels: Iterable[str], after: tuple[int, int], upto: tuple[int, int]
@@ -297,76 +319,44 @@ class RedisBus(Bus):
     def _running(self, fanout: Fanout) -> bool:
         return self._fanout is fanout and not self._stopped and self._pid == os.getpid()
 
-    def _receive_loop(self, fanout: Fanout) -> None:
-        pid = os.getpid()
-        backoff = 0.1
-        reader: redis.Redis | None = None
-        next_stats = 0.0
-        while self._running(fanout):
-            try:
-                if reader is None:
-                    reader = redis.Redis.from_url(
-                        self.url,
-                        socket_timeout=_BLOCK_MS / 1000 + 10,
-                        socket_connect_timeout=5,
-                        retry=Retry(NoBackoff(), 0),
-                        single_connection_client=True,
-                        client_name=f"flask-sse-push:receive:{pid}",
-                    )
-                    self._reader = reader
-                self._catch_up_position(reader)
-                self.connected = True
-                backoff = 0.1
-                streams = cast(
-                    "list[tuple[bytes, _Entries]] | None",
-                    reader.xread({self.key: self._last or "$"}, count=500, block=_BLOCK_MS),
-                )
-                for _key, entries in streams or ():
-                    self._deliver(entries)
-                if time.monotonic() >= next_stats:
-                    self._write_stats(reader)
-                    next_stats = time.monotonic() + _STATS_EVERY
-            except redis.RedisError as exc:
-                if not self._running(fanout):
-                    break
-                if self.connected:
-                    log.warning(
-                        "flask-sse-push: lost Redis (%s); open streams stay open, retrying", exc
-                    )
-                self.connected = False
-                if reader is not None:
-                    reader.close()
-                    reader = None
-                time.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, _BACKOFF_CAP)
-            except Exception:  # a bug must not end delivery for the whole process
-                if not self._running(fanout):
-                    break  # close() closed the connection under a blocked read
-                log.exception("flask-sse-push: Redis receiver error")
-                time.sleep(1.0)
-        if reader is not None:
-            reader.close()
+    def _receive_once(self, reader: redis.Redis) -> None:
+        """Read one batch from the stream and deliver it."""
+        self._catch_up_position(reader)
+        self.connected = True
+        streams = cast(
+            "list[tuple[bytes, _Entries]] | None",
+            reader.xread({self.key: self._last or "$"}, count=_BATCH, block=_BLOCK_MS),
+        )
+        for _key, entries in streams or ():
+            if len(entries) >= _BATCH:
+                # A full batch: this receiver is behind, maybe by more than the stream
+                # keeps. Entries trimmed before it read them cannot be delivered.
+                self._check_lag(reader)
+            self._deliver(entries)
+
+    def _check_lag(self, reader: redis.Redis) -> None:
+        last = _sid(self._last or "0-0")
+        info = reader.xinfo_stream(self.key) if reader.exists(self.key) else None
+        if last is None or not _trimmed_after(info, last):
+            return
+        fanout = self._fanout
+        assert fanout is not None
+        with fanout.lock:
+            ended = fanout.end(LAGGED, lambda sub: True)
+        log.warning(
+            "flask-sse-push: events were trimmed from Redis before this worker read them; "
+            "ended %d streams so their clients resync",
+            ended,
+        )
 
     def _catch_up_position(self, reader: redis.Redis) -> None:
         """On (re)connecting: learn where to start, and notice entries trimmed unread."""
         if self.connected:
             return
-        known = self._last
-        info = self._learn_position(reader)
-        if known is None:
-            return
-        last = _sid(known)
-        if last is not None and _trimmed_after(info, last):
-            # Entries this worker never read were trimmed: its clients must resync.
-            fanout = self._fanout
-            assert fanout is not None
-            with fanout.lock:
-                ended = fanout.end(LAGGED, lambda sub: True)
-            log.warning(
-                "flask-sse-push: events were trimmed from Redis before this worker read "
-                "them; ended %d streams so their clients resync",
-                ended,
-            )
+        if self._last is None:
+            self._learn_position(reader)
+        else:
+            self._check_lag(reader)
 
     def _deliver(self, entries: _Entries) -> None:
         fanout = self._fanout
@@ -454,6 +444,60 @@ class RedisBus(Bus):
             reader.close()  # interrupts a blocked XREAD
         if getattr(self, "_client", None) is not None:
             self._client.close()
+
+
+def _receive_loop(ref: weakref.ref[RedisBus], fanout: Fanout) -> None:
+    """The receiver: reads the stream until the bus is closed or garbage-collected (it holds
+    the bus only weakly, so an app that is gone takes its receiver with it), reconnecting
+    with backoff while Redis is unreachable."""
+    pid = os.getpid()
+    backoff = 0.1
+    reader: redis.Redis | None = None
+    next_stats = 0.0
+    while True:
+        bus = ref()
+        if bus is None or not bus._running(fanout):
+            break
+        try:
+            if reader is None:
+                reader = redis.Redis.from_url(
+                    bus.url,
+                    socket_timeout=_BLOCK_MS / 1000 + 10,
+                    socket_connect_timeout=5,
+                    retry=Retry(NoBackoff(), 0),
+                    single_connection_client=True,
+                    client_name=f"flask-sse-push:receive:{pid}",
+                )
+                bus._reader = reader
+            bus._receive_once(reader)
+            backoff = 0.1
+            if time.monotonic() >= next_stats:
+                bus._write_stats(reader)
+                next_stats = time.monotonic() + _STATS_EVERY
+        except redis.RedisError as exc:
+            if not bus._running(fanout):
+                break
+            if bus.connected:
+                log.warning(
+                    "flask-sse-push: lost Redis (%s); open streams stay open, retrying", exc
+                )
+            bus.connected = False
+            if reader is not None:
+                reader.close()
+                reader = None
+            del bus
+            time.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, _BACKOFF_CAP)
+        except Exception:  # a bug must not end delivery for the whole process
+            if not bus._running(fanout):
+                break  # close() closed the connection under a blocked read
+            log.exception("flask-sse-push: Redis receiver error")
+            del bus
+            time.sleep(1.0)
+        else:
+            del bus
+    if reader is not None:
+        reader.close()
 
 
 def _trimmed_after(info: dict[Any, Any] | None, position: tuple[int, int]) -> bool:
