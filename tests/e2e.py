@@ -121,6 +121,36 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
 
 
+def pump_selector(
+    selector: selectors.BaseSelector,
+    done: Callable[[], bool],
+    timeout: float,
+    on_data: Callable[[selectors.SelectorKey, socket.socket, bytes], None],
+    on_end: Callable[[selectors.SelectorKey, socket.socket], None],
+) -> bool:
+    """Read the selector's sockets until ``done()`` or *timeout*; hand each read to
+    *on_data* and each closed connection to *on_end*. Returns whether ``done()`` came."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        for key, _ in selector.select(min(left, 0.2)):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if data:
+                on_data(key, sock, data)
+            else:
+                on_end(key, sock)
+    return True
+
+
 class ManyStreams:
     """Many raw stream connections driven by one selector, for load and shutdown tests.
 
@@ -144,26 +174,15 @@ class ManyStreams:
 
     def pump(self, until: Any, timeout: float) -> bool:
         """Read whatever arrives until ``until(self)`` is true or *timeout* passes."""
-        deadline = time.monotonic() + timeout
-        while not until(self):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            for key, _ in self.selector.select(min(left, 0.5)):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                try:
-                    data = sock.recv(65536)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    data = b""
-                if data:
-                    self.received[sock] += data
-                else:
-                    self.selector.unregister(sock)
-                    self.closed.add(sock)
-        return True
+
+        def on_data(key: selectors.SelectorKey, sock: socket.socket, data: bytes) -> None:
+            self.received[sock] += data
+
+        def on_end(key: selectors.SelectorKey, sock: socket.socket) -> None:
+            self.selector.unregister(sock)
+            self.closed.add(sock)
+
+        return pump_selector(self.selector, lambda: until(self), timeout, on_data, on_end)
 
     def all_have(self, marker: bytes) -> bool:
         """Whether every connection received *marker*."""
@@ -248,33 +267,22 @@ class Crowd:
 
     def pump(self, until: Callable[[Crowd], bool], timeout: float) -> bool:
         """Read and reconnect until ``until(self)`` or *timeout*."""
-        deadline = time.monotonic() + timeout
-        while not until(self):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            for key, _ in self.selector.select(min(left, 0.2)):
-                client: Client = key.data
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
+
+        def on_data(key: selectors.SelectorKey, sock: socket.socket, data: bytes) -> None:
+            key.data.feed(data)
+
+        def on_end(key: selectors.SelectorKey, sock: socket.socket) -> None:
+            client: Client = key.data
+            self.selector.unregister(sock)
+            sock.close()
+            if client.connects < 50:
+                time.sleep(0.05)
                 try:
-                    data = sock.recv(65536)
-                except (BlockingIOError, InterruptedError):
-                    continue
+                    self.selector.register(client.connect(), selectors.EVENT_READ, client)
                 except OSError:
-                    data = b""
-                if data:
-                    client.feed(data)
-                    continue
-                self.selector.unregister(sock)
-                sock.close()
-                if client.connects < 50:
-                    time.sleep(0.05)
-                    try:
-                        self.selector.register(client.connect(), selectors.EVENT_READ, client)
-                    except OSError:
-                        client.sock = None
-        return True
+                    client.sock = None
+
+        return pump_selector(self.selector, lambda: until(self), timeout, on_data, on_end)
 
     def close(self) -> None:
         """Close every connection."""
