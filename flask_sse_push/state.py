@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app, has_app_context
@@ -38,10 +39,13 @@ class SSEState:
         #: The bus carrying this app's events.
         self.bus: Bus = create_bus(self.settings.bus_url, self.settings, app.import_name)
         self._checked_pid: int | None = None
-        app_ref = app
+        # Weakly: the bus's receiver (a greenlet or thread) must not keep a discarded app.
+        app_ref = weakref.ref(app)
 
         def dropped(sub: Subscription) -> None:
-            signals.client_dropped.send(app_ref, channels=sub.channels)
+            sender = app_ref()
+            if sender is not None:
+                signals.client_dropped.send(sender, channels=sub.channels)
 
         self.bus.on_slow = dropped
         lifecycle.track(self.bus)

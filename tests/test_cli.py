@@ -120,3 +120,13 @@ def test_listen_reports_an_unreachable_app() -> None:
     result = flask_cli("listen", "a", "--url", "http://127.0.0.1:9", "--timeout", "5")
     assert result.returncode == 1
     assert "cannot read http://127.0.0.1:9/stream?channel=a" in result.stderr
+
+
+def test_send_reports_an_unreachable_redis_without_a_traceback() -> None:
+    app = Flask(__name__)
+    app.config.update(SSE_BUS_URL="redis://127.0.0.1:9/0", SSE_PUBLISH_TIMEOUT=1)
+    app.register_blueprint(SSEBlueprint(), url_prefix="/stream")
+    result = app.test_cli_runner().invoke(sse_cli, ["send", "news", "x"])
+    assert result.exit_code == 1
+    assert "could not publish to Redis at 127.0.0.1:9/0" in result.output
+    assert "Traceback" not in result.output

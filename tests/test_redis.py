@@ -351,3 +351,40 @@ def test_a_receiver_left_behind_by_trimming_never_skips_silently(redis_app: Flas
             assert numbers == list(range(len(numbers)))
         else:
             assert numbers == list(range(20000))
+
+
+DISCARD_SCRIPT = """
+import gc, sys, threading, time
+from flask import Flask
+from flask_sse_push import SSEBlueprint
+from flask_sse_push.testing import EventReader
+
+def receivers():
+    return sum(t.name == "sse-redis-discarded_app" for t in threading.enumerate())
+
+app = Flask("discarded_app")
+app.config.update(SSE_BUS_URL=sys.argv[1], SSE_KEEPALIVE=0)
+app.register_blueprint(SSEBlueprint(), url_prefix="/stream")
+with EventReader(app.test_client().get("/stream", buffered=False)) as reader:
+    reader.events(timeout=0.2)
+started = receivers()
+del app, reader
+for _ in range(100):
+    gc.collect()
+    if receivers() == 0:
+        break
+    time.sleep(0.1)
+print(started, receivers())
+"""
+
+
+def test_a_discarded_app_takes_its_receiver_along(shared_redis: RedisServer) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", DISCARD_SCRIPT, shared_redis.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "0"], result.stderr

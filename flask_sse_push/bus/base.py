@@ -293,7 +293,12 @@ class Bus(ABC):
     def fanout(self) -> Fanout:
         """This process's fan-out, created (with the rest of the state) at first use."""
         if self._pid != os.getpid() or self._fanout is None:
-            self._fanout = Fanout(_sync.new_lock(), self._slow, self.settings.keepalive)
+            # The fan-out refers back to the bus only weakly: a receiver holding the fan-out
+            # must not keep a discarded app's bus alive.
+            slow = weakref.WeakMethod(self._slow)
+            self._fanout = Fanout(
+                _sync.new_lock(), lambda sub: _call(slow, sub), self.settings.keepalive
+            )
             self._pid = os.getpid()
             self._start()
         return self._fanout
@@ -359,6 +364,12 @@ class Bus(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the backend's resources (connections, greenlets)."""
+
+
+def _call(method: weakref.WeakMethod[Any], sub: Subscription) -> None:
+    bound = method()
+    if bound is not None:
+        bound(sub)
 
 
 _REGISTRY: dict[str, Callable[[str, Settings, str], Bus]] = {}

@@ -114,7 +114,10 @@ class RedisBus(Bus):
         with contextlib.suppress(redis.RedisError):  # else the receiver learns it later
             self._learn_position(self._client)
         self._receiver = _sync.spawn(
-            _receive_loop, weakref.ref(self), self.fanout, name=f"sse-redis-{self.name}"
+            _receive_loop,
+            weakref.ref(self),
+            weakref.ref(self.fanout),
+            name=f"sse-redis-{self.name}",
         )
 
     def _learn_position(self, client: redis.Redis) -> dict[Any, Any] | None:
@@ -446,7 +449,7 @@ class RedisBus(Bus):
             self._client.close()
 
 
-def _receive_loop(ref: weakref.ref[RedisBus], fanout: Fanout) -> None:
+def _receive_loop(ref: weakref.ref[RedisBus], fanout_ref: weakref.ref[Fanout]) -> None:
     """The receiver: reads the stream until the bus is closed or garbage-collected (it holds
     the bus only weakly, so an app that is gone takes its receiver with it), reconnecting
     with backoff while Redis is unreachable."""
@@ -456,7 +459,8 @@ def _receive_loop(ref: weakref.ref[RedisBus], fanout: Fanout) -> None:
     next_stats = 0.0
     while True:
         bus = ref()
-        if bus is None or not bus._running(fanout):
+        fanout = fanout_ref()
+        if bus is None or fanout is None or not bus._running(fanout):
             break
         try:
             if reader is None:
@@ -485,17 +489,17 @@ def _receive_loop(ref: weakref.ref[RedisBus], fanout: Fanout) -> None:
             if reader is not None:
                 reader.close()
                 reader = None
-            del bus
+            del bus, fanout
             time.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, _BACKOFF_CAP)
         except Exception:  # a bug must not end delivery for the whole process
             if not bus._running(fanout):
                 break  # close() closed the connection under a blocked read
             log.exception("flask-sse-push: Redis receiver error")
-            del bus
+            del bus, fanout
             time.sleep(1.0)
         else:
-            del bus
+            del bus, fanout
     if reader is not None:
         reader.close()
 
