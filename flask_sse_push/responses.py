@@ -159,9 +159,7 @@ class _Producer:
                 closed = True
                 notify.close()
 
-    async def _run_async(
-        self, source: AsyncIterable[Any], offer: Callable[[bytes], None]
-    ) -> None:
+    async def _run_async(self, source: AsyncIterable[Any], offer: Callable[[bytes], None]) -> None:
         iterator = source.__aiter__()
         try:
             async for item in iterator:

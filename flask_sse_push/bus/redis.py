@@ -250,9 +250,7 @@ class RedisBus(Bus):
         except redis.RedisError as exc:
             raise BusError(f"could not read the history from Redis: {exc}") from exc
 
-    def _locate(
-        self, last_event_id: str
-    ) -> tuple[tuple[int, int] | Reset, tuple[int, int]]:
+    def _locate(self, last_event_id: str) -> tuple[tuple[int, int] | Reset, tuple[int, int]]:
         """The stream position *last_event_id* stands for, or why it cannot be resumed; and
         the position of the newest entry."""
         client = self._client
