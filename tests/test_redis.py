@@ -284,6 +284,7 @@ def test_redis_outage_streams_stay_open_and_nothing_accepted_is_lost(
     )
     crowd = Crowd(server.port, ["/stream?channel=a"] * 20)
     try:
+        assert wait_for(lambda: _cluster_streams(server.url, "a") == 20, 15)
         before = publish(server.url, "before", channel="a")
         assert crowd.pump(lambda c: all(len(x.events) == 1 for x in c.clients), 10)
         redis.stop()
