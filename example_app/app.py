@@ -112,6 +112,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.post("/api/events")
     def publish_json() -> tuple[Response, int]:
+        # A demo: anyone may publish, even to a user's private channel (reading it is what
+        # the authorization hook guards). A real app checks who may publish where.
         body = request.get_json(silent=True)
         if not isinstance(body, dict) or "data" not in body:
             return jsonify(error='send a JSON object such as {"data": ..., "channel": "news"}'), 400
