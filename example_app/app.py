@@ -7,7 +7,6 @@ variables override the config (``SSE_BUS_URL=redis://127.0.0.1:6379/0`` for the 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
@@ -25,6 +24,7 @@ from flask import (
 from werkzeug.wrappers import Response
 
 from flask_sse_push import Event, SSEBlueprint, end_streams, send_event
+from flask_sse_push.config import from_environ
 
 CHANNELS = ("news", "alerts", "metrics")
 
@@ -34,24 +34,13 @@ def private_channel(user: str) -> str:
     return f"user:{user}"
 
 
-def _env_config() -> dict[str, Any]:
-    config: dict[str, Any] = {}
-    for key, value in os.environ.items():
-        if key.startswith("SSE_"):
-            try:
-                config[key] = json.loads(value)
-            except ValueError:
-                config[key] = value
-    return config
-
-
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the example app; *config* overrides ``app.config`` and the environment."""
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=os.environ.get("SECRET_KEY") or secrets.token_hex(16),
         SSE_STATS=True,
-        **_env_config(),
+        **from_environ(),
     )
     app.config.update(config or {})
     # A blueprint of its own per app keeps hooks apart when create_app() runs twice (tests);

@@ -6,6 +6,8 @@ names them.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,6 +61,24 @@ DEFAULTS: Mapping[str, Any] = {
 
 #: Channel names: 1 to 128 characters out of letters, digits and ``_-.:@/``.
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
+
+
+def from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The ``SSE_*`` settings found in environment variables, for ``app.config.update()``.
+
+    Values are read as JSON when they parse (``SSE_KEEPALIVE=5``, ``SSE_STATS=true``,
+    ``SSE_RETRY=null``) and as plain strings otherwise (``SSE_BUS_URL=redis://redis:6379/0``).
+
+    :param environ: the variables; ``os.environ`` by default.
+    """
+    found: dict[str, Any] = {}
+    for key, value in (os.environ if environ is None else environ).items():
+        if key.startswith("SSE_"):
+            try:
+                found[key] = json.loads(value)
+            except ValueError:
+                found[key] = value
+    return found
 
 
 def _number(config: Mapping[str, Any], key: str, *, minimum: float, integer: bool) -> Any:

@@ -485,3 +485,21 @@ def test_on_connect_hook_returning_a_single_value_is_a_clear_error(make: Maker) 
     with pytest.raises(TypeError, match="return a list"):
         app.test_client().get("/stream")
     assert connections(app) == 0
+
+
+def test_settings_from_environment_variables() -> None:
+    from flask_sse_push.config import from_environ
+
+    environ = {
+        "SSE_KEEPALIVE": "5",
+        "SSE_STATS": "true",
+        "SSE_RETRY": "null",
+        "SSE_BUS_URL": "redis://redis:6379/0",
+        "OTHER": "1",
+    }
+    assert from_environ(environ) == {
+        "SSE_KEEPALIVE": 5,
+        "SSE_STATS": True,
+        "SSE_RETRY": None,
+        "SSE_BUS_URL": "redis://redis:6379/0",
+    }

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,21 +16,10 @@ from flask import Flask, jsonify, request
 from werkzeug.wrappers import Response
 
 from flask_sse_push import BusError, Event, end_streams, send_event, sse, sse_response
-
-
-def _env_config() -> dict[str, Any]:
-    config: dict[str, Any] = {}
-    for key, value in os.environ.items():
-        if key.startswith("SSE_"):
-            try:
-                config[key] = json.loads(value)
-            except ValueError:
-                config[key] = value
-    return config
-
+from flask_sse_push.config import from_environ
 
 app = Flask(__name__)
-app.config.update({"SSE_STATS": True, **_env_config()})
+app.config.update({"SSE_STATS": True, **from_environ()})
 app.register_blueprint(sse, url_prefix="/stream")
 
 
