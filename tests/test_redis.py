@@ -389,3 +389,32 @@ def test_a_discarded_app_takes_its_receiver_along(shared_redis: RedisServer) -> 
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "0"], result.stderr
+
+
+def test_after_a_reset_only_events_newer_than_the_reset_arrive(shared_redis: RedisServer) -> None:
+    """The reset tells the client to refetch its state as of the newest event: events up to
+    that one must not follow, even when this process's receiver is still catching up."""
+    shared_redis.client().flushdb()
+    app = Flask(__name__)
+    app.config.update(SSE_BUS_URL=shared_redis.url, SSE_KEEPALIVE=0.2, SSE_HISTORY_SIZE=20000)
+    app.register_blueprint(SSEBlueprint(), url_prefix="/stream")
+    bus = get_state(app).bus
+    try:
+        publish_in(app, "warm-up", channel="a")
+        with EventReader(app.test_client().get("/stream?channel=a", buffered=False)):
+            # A burst the receiver needs a moment for, then a client with an unknown id.
+            pipe = bus._client.pipeline(transaction=False)
+            for i in range(10000):
+                pipe.xadd(bus.key, {"c": "a", "b": f"data: old{i}\n\n"}, maxlen=20000)
+            pipe.execute()
+            response = app.test_client().get(
+                "/stream?channel=a", headers={"Last-Event-ID": "nonsense"}, buffered=False
+            )
+            with EventReader(response) as reader:
+                (reset,) = reader.events(count=1, timeout=10)
+                assert reset.type == "sse-reset"
+                after = publish_in(app, "after", channel="a")
+                events = reader.events(count=1, timeout=10)
+                assert [(e.data, e.id) for e in events] == [("after", after)]
+    finally:
+        bus.close()
