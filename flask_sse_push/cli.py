@@ -142,3 +142,10 @@ def stats_command(url: str) -> None:
         counts = stats["channels"]
     for channel, number in sorted(counts.items()):
         click.echo(f"  {channel}: {number}")
+    totals = stats.get("totals")
+    if totals is not None:
+        click.echo(
+            f"process {stats['pid']} since start: {totals['opened']} streams opened, "
+            f"{totals['closed']} closed, {totals['published']} events published, "
+            f"{totals['dropped']} slow clients dropped"
+        )

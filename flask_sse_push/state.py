@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app, has_app_context
@@ -49,6 +51,23 @@ class SSEState:
 
         self.bus.on_slow = dropped
         lifecycle.track(self.bus)
+        #: Totals of this process, counted from the extension's own signals (see ``stats``).
+        self.totals: Counter[str] = Counter()
+        for name, signal in (
+            ("opened", signals.connection_opened),
+            ("closed", signals.connection_closed),
+            ("published", signals.event_published),
+            ("dropped", signals.client_dropped),
+        ):
+            signal.connect(self._counter(name), sender=app, weak=False)
+
+    def _counter(self, name: str) -> Callable[..., None]:
+        totals = self.totals
+
+        def count(sender: Flask, **kwargs: Any) -> None:
+            totals[name] += 1
+
+        return count
 
     def check_process(self) -> None:
         """Once per process: warn when the in-process bus runs in one of several workers."""
@@ -70,13 +89,18 @@ class SSEState:
                 )
 
     def stats(self) -> dict[str, Any]:
-        """Open streams of this process (``pid``, ``connections``, ``channels``, ``bus``) and,
-        with a bus shared by several processes, of all of them (``cluster``)."""
+        """Open streams of this process (``pid``, ``connections``, ``channels``, ``bus``), the
+        process's totals since it started (``totals``: streams ``opened`` and ``closed``,
+        events ``published``, clients ``dropped`` as slow, counted from the signals) and,
+        with a bus shared by several processes, the open streams of all (``cluster``)."""
         stats: dict[str, Any] = {
             "pid": os.getpid(),
             "bus": self.settings.bus_url.split("://", 1)[0],
             "connections": self.bus.connection_count(),
             "channels": self.bus.channel_counts(),
+            "totals": {
+                name: self.totals[name] for name in ("opened", "closed", "published", "dropped")
+            },
         }
         cluster = self.bus.cluster_stats()
         if cluster is not None:

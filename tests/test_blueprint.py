@@ -400,7 +400,11 @@ def test_stats_endpoint_counts_streams_per_channel(make: Maker, bus_url: str) ->
         assert stats["connections"] == 2
         assert stats["channels"] == {"a": 2, "b": 1}
         assert stats["bus"] == bus_url.split("://")[0]
-    assert client.get("/stream/stats").get_json()["connections"] == 0
+        with app.app_context():
+            send_event("x", channel="a")
+    stats = client.get("/stream/stats").get_json()
+    assert stats["connections"] == 0
+    assert stats["totals"] == {"opened": 2, "closed": 2, "published": 1, "dropped": 0}
 
 
 def test_no_gap_or_repeat_between_replay_and_live_events(make: Maker) -> None:

@@ -97,6 +97,7 @@ def test_listen_and_stats_against_a_running_app(gunicorn: GunicornFactory) -> No
         assert stats.returncode == 0, stats.stderr
         assert "1 streams" in stats.stdout
         assert "  b: 1" in stats.stdout
+        assert "since start: 1 streams opened, 0 closed, 0 events published" in stats.stdout
         first = publish(server.url, "one", channel="a", event="x")
         publish(server.url, {"two": 2}, channel="b")
         out, err = listener.communicate(timeout=20)

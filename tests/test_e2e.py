@@ -163,6 +163,7 @@ def test_thousands_of_connect_disconnect_cycles_leave_nothing_behind(
         "bus": "memory",
         "connections": 0,
         "channels": {},
+        "totals": {"opened": 10000, "closed": 10000, "published": 0, "dropped": 0},
     }
     # Measured flat within about 1.5 MB over 24,000 cycles (allocator noise); a leak of
     # 1 KB a cycle would add 8 MB here.
