@@ -217,9 +217,14 @@ class RedisService:
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of redis-server's log."""
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text("utf-8", "replace").splitlines()[-lines:])
+        return tail(self.log_path, lines)
+
+
+def tail(path: Path | None, lines: int) -> str:
+    """The last *lines* lines of the log at *path* (empty when there is none)."""
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text("utf-8", "replace").splitlines()[-lines:])
 
 
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
@@ -386,10 +391,7 @@ class Target(ABC):
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of the server's log."""
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        text = self.log_path.read_text("utf-8", "replace").splitlines()
-        return "\n".join(text[-lines:])
+        return tail(self.log_path, lines)
 
 
 class FlaskTarget(Target):

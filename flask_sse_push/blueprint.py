@@ -21,9 +21,6 @@ from .stream import EventStream, client_socket
 #: (too old, unknown or malformed), so the client should refetch its state.
 RESET_EVENT = "sse-reset"
 
-#: Longest ``Last-Event-ID`` looked at; a longer one is answered with a reset.
-MAX_LAST_EVENT_ID = 256
-
 AuthorizeHook = Callable[[str], bool]
 IdentifyHook = Callable[[], object]
 ConnectHook = Callable[[frozenset[str]], "Iterable[Event | Any] | None"]
@@ -155,8 +152,6 @@ class SSEBlueprint(Blueprint):
             return self._come_back_later(settings.retry, headers, "too many connections")
 
         last_event_id = request.headers.get("Last-Event-ID") or request.args.get("lastEventId")
-        if last_event_id is not None and len(last_event_id) > MAX_LAST_EVENT_ID:
-            last_event_id = ""
         user = self._identify() if self._identify is not None else None
         sub = Subscription(channels, settings.queue_size, user)
         resume = bus.subscribe(sub, last_event_id)

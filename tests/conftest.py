@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,26 +76,8 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornFacto
     servers: list[GunicornServer] = []
     log_dir = tmp_path_factory.mktemp("gunicorn")
 
-    def start(
-        app: str,
-        *,
-        workers: int = 1,
-        env: dict[str, str] | None = None,
-        args: Sequence[str] = (),
-        config: str | None = None,
-        timeout: float = 20,
-        port: int | None = None,
-    ) -> GunicornServer:
-        server = start_gunicorn(
-            app,
-            log_dir=log_dir,
-            workers=workers,
-            env=env,
-            args=args,
-            config=config,
-            timeout=timeout,
-            port=port,
-        )
+    def start(app: str, **options: Any) -> GunicornServer:
+        server = start_gunicorn(app, log_dir=log_dir, **options)
         servers.append(server)
         return server
 

@@ -30,16 +30,21 @@ def serve(
     keyword arguments are ``SSE_*`` settings. Returns once the app answers."""
     full_env = {key: json.dumps(value) for key, value in sse.items()}
     full_env.update(env or {})
-    server = gunicorn(APP, workers=workers, env=full_env, config=CONF)
+    return answering(gunicorn(APP, workers=workers, env=full_env, config=CONF), "/health")
+
+
+def answering(server: GunicornServer, path: str, timeout: float = 20) -> GunicornServer:
+    """Return *server* once its app answers ``GET path`` with 200 (gunicorn listens before
+    the worker has loaded the app)."""
 
     def healthy() -> bool:
         try:
-            return requests.get(server.url + "/health", timeout=1).status_code == 200
+            return requests.get(server.url + path, timeout=1).status_code == 200
         except requests.RequestException:
             return False
 
-    if not wait_for(healthy, 20):
-        raise RuntimeError(f"app did not answer; log:\n{server.log_text()}")
+    if not wait_for(healthy, timeout):
+        raise RuntimeError(f"the app did not answer {path}; log:\n{server.log_text()}")
     return server
 
 

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
+from e2e import CONF, answering
 from helpers import (
     HOST,
     REPO_ROOT,
     GunicornFactory,
     GunicornServer,
     RedisFactory,
-    wait_for,
 )
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.redis]
 
 EXAMPLE_APP = "example_app.app:app"
-CONF = "python:flask_sse_push.gunicorn_conf"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -124,17 +123,7 @@ def serve_example(
     gunicorn: GunicornFactory, env: dict[str, str], port: int | None = None
 ) -> GunicornServer:
     """Serve the example app (on *port* if given); return once its page answers."""
-    server = gunicorn(EXAMPLE_APP, env=env, config=CONF, port=port)
-
-    def healthy() -> bool:
-        try:
-            return requests.get(server.url + "/", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    if not wait_for(healthy, 20):
-        raise RuntimeError(f"example app did not answer; log:\n{server.log_text()}")
-    return server
+    return answering(gunicorn(EXAMPLE_APP, env=env, config=CONF, port=port), "/")
 
 
 def publish(url: str, channel: str, data: Any) -> str:

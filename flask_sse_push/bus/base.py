@@ -205,12 +205,12 @@ class Fanout:
         self._all.discard(sub)
         self._deactivate(sub)
 
-    def deliver(self, message: Message) -> int:
-        """Queue *message* for every subscription of its channel; return how many got it.
-        Callers hold :attr:`lock`."""
+    def deliver(self, message: Message) -> None:
+        """Queue *message* for every subscription of its channel. Callers hold
+        :attr:`lock`."""
         subs = self._by_channel.get(message.channel)
         if not subs:
-            return 0
+            return
         payload = message.payload
         slow: list[Subscription] = []
         for sub in subs:
@@ -222,7 +222,6 @@ class Fanout:
                 self._on_slow(sub)
             except Exception:  # a receiver's bug must not break delivery to others
                 log.exception("flask-sse-push: a client_dropped receiver failed")
-        return len(subs)
 
     def end(self, reason: str, predicate: Callable[[Subscription], bool]) -> int:
         """End and remove every subscription *predicate* selects; return how many.

@@ -17,9 +17,8 @@ from collections import deque
 
 import blinker
 
+from ..encoding import MAX_FIELD_LENGTH
 from .base import Bus, Fanout, Message, Reset, Resume, Subscription
-
-_MAX_ID_LENGTH = 256
 
 
 class MemoryBus(Bus):
@@ -83,7 +82,7 @@ class MemoryBus(Bus):
     def _resume(self, sub: Subscription, last_event_id: str | None) -> Resume:
         if last_event_id is None:
             return Resume([], None)
-        if not last_event_id or len(last_event_id) > _MAX_ID_LENGTH:
+        if not last_event_id or len(last_event_id) > MAX_FIELD_LENGTH:
             return Resume([], Reset("malformed", self._head_id()))
         position = self._position(last_event_id)
         if position is None:

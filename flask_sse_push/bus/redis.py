@@ -31,6 +31,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .. import _sync
+from ..encoding import MAX_FIELD_LENGTH
 from ..errors import BusError, PublishError
 from .base import REVOKED, Bus, Fanout, Message, Reset, Resume, Subscription
 
@@ -257,7 +258,7 @@ class RedisBus(Bus):
         info = client.xinfo_stream(self.key) if client.exists(self.key) else None
         head_id = self._head_id(info)
         head = (_sid(_text(info["last-generated-id"])) if info else None) or (0, 0)
-        if not last_event_id or len(last_event_id) > 256:
+        if not last_event_id or len(last_event_id) > MAX_FIELD_LENGTH:
             return Reset("malformed", head_id), head
         position = _sid(last_event_id)
         if position is None:
