@@ -64,4 +64,9 @@ nitpick_ignore = [
     ("py:class", "collections.abc.Iterable"),
     ("py:class", "collections.abc.Iterator"),
     ("py:class", "collections.abc.Mapping"),
+    ("py:class", "collections.abc.Generator"),
+    ("py:class", "enum.StrEnum"),
+    ("py:class", "socket.socket"),
+    # redis-py, an optional extra
+    ("py:class", "redis.Redis"),
 ]

@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
-from .blueprint import RESET_EVENT, SSEBlueprint, sse
+from .blueprint import SSEBlueprint, sse
 from .bus import register_bus
-from .encoding import Event
+from .encoding import RESET_EVENT, Event
 from .errors import (
     BusError,
     ConfigurationError,
@@ -21,16 +21,20 @@ from .errors import (
     SSEError,
 )
 from .lifecycle import end_all_streams
+from .publish import end_streams, send_event
+from .reasons import EndReason, ResetReason
 from .responses import sse_response
-from .state import end_streams, get_state, send_event
+from .state import get_state
 
 __all__ = [
     "RESET_EVENT",
     "BusError",
     "ConfigurationError",
+    "EndReason",
     "Event",
     "NotRegisteredError",
     "PublishError",
+    "ResetReason",
     "SSEBlueprint",
     "SSEError",
     "end_all_streams",

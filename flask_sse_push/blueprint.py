@@ -11,27 +11,17 @@ from flask.sansio.app import App
 from flask.sansio.blueprints import BlueprintSetupState
 
 from . import lifecycle, signals
-from .bus.base import Resume, Subscription
-from .encoding import Event, comment, encode_event, retry_line
+from .bus import Resume, Subscription
+from .encoding import Event, comment, encode_event, reset_event, retry_line, stream_head
 from .errors import ConfigurationError
-from .state import EXTENSION_KEY, SSEState, check_channel, get_state
-from .stream import EventStream, client_socket
-
-#: Event type of the reset signal: replay from the client's ``Last-Event-ID`` was impossible
-#: (too old, unknown or malformed), so the client should refetch its state.
-RESET_EVENT = "sse-reset"
+from .publish import check_channel
+from .state import EXTENSION_KEY, SSEState, get_state
+from .stream import BusStream, client_socket, event_stream_response
 
 AuthorizeHook = Callable[[str], bool]
 IdentifyHook = Callable[[], object]
 ConnectHook = Callable[[frozenset[str]], "Iterable[Event | Any] | None"]
 F = TypeVar("F", bound=Callable[..., Any])
-
-_HEADERS = {
-    "Cache-Control": "no-cache",
-    # nginx buffers proxied responses unless told not to.
-    "X-Accel-Buffering": "no",
-}
-_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 
 
 def _plain(status: int, message: str) -> Response:
@@ -141,23 +131,21 @@ class SSEBlueprint(Blueprint):
             for channel in channels:
                 if not self._authorize(channel):
                     return _plain(403, f"not allowed to read channel {channel!r}")
-        headers = dict(_HEADERS)
         if request.method == "HEAD":
-            return Response(b"", 200, headers, content_type=_CONTENT_TYPE)
+            return event_stream_response(b"")
         state.check_process()
         bus = state.bus
         if lifecycle.stopping():
-            return self._come_back_later(settings.retry, headers, "server shutting down")
-        if bus.connection_count() >= settings.max_connections:
-            return self._come_back_later(settings.retry, headers, "too many connections")
+            return _come_back_later(settings.retry, "server shutting down")
+        if bus.stream_count() >= settings.max_streams:
+            return _come_back_later(settings.retry, "too many streams")
 
         last_event_id = request.headers.get("Last-Event-ID") or request.args.get("lastEventId")
         user = self._identify() if self._identify is not None else None
         sub = Subscription(channels, settings.queue_size, user)
         resume = bus.subscribe(sub, last_event_id)
         dumps = app.json.dumps
-        retry = state.settings.retry
-        head = retry_line(retry) if retry is not None else comment(" ok")
+        head = stream_head(settings.retry)
         catch_up: Callable[[], bytes] | None = None
         try:
             initial = self._initial(sub, dumps)
@@ -169,15 +157,17 @@ class SSEBlueprint(Blueprint):
                 def catch_up() -> bytes:
                     return _render(pending(), last_event_id, dumps) + initial
 
-            signals.connection_opened.send(app, channels=sub.channels)
+            state.totals["opened"] += 1
+            signals.stream_opened.send(app, channels=sub.channels)
         except BaseException:
             bus.unsubscribe(sub)
             raise
 
-        def closed(sub: Subscription) -> None:
-            signals.connection_closed.send(app, channels=sub.channels, reason=sub.reason)
+        def closed() -> None:
+            state.totals["closed"] += 1
+            signals.stream_closed.send(app, channels=sub.channels, reason=sub.reason)
 
-        stream = EventStream(
+        stream = BusStream(
             sub,
             bus,
             head,
@@ -187,15 +177,7 @@ class SSEBlueprint(Blueprint):
             on_close=closed,
             sock=client_socket(request.environ, settings.send_timeout),
         )
-        return Response(stream, 200, headers, content_type=_CONTENT_TYPE, direct_passthrough=True)
-
-    @staticmethod
-    def _come_back_later(retry: int | None, headers: dict[str, str], why: str) -> Response:
-        # 200 with a retry hint, never 503/429/204: on those a browser stops reconnecting
-        # for good. The random part spreads the reconnections.
-        delay = (retry or 3000) + random.randint(0, 5000)
-        body = retry_line(delay) + comment(f" {why}, retry later")
-        return Response(body, 200, headers, content_type=_CONTENT_TYPE)
+        return event_stream_response(stream)
 
     def stats_view(self) -> Response:
         """Open streams of the answering process, per channel, as JSON (when ``SSE_STATS``)."""
@@ -223,9 +205,16 @@ class SSEBlueprint(Blueprint):
 def _render(resume: Resume, last_event_id: str | None, dumps: Callable[[Any], str]) -> bytes:
     """The replay, or the reset event, as bytes."""
     if resume.reset is not None:
-        notice = {"reason": resume.reset.reason, "lastEventId": last_event_id}
-        return encode_event(Event(notice, RESET_EVENT), dumps, resume.reset.head_id)
+        reason, head_id = resume.reset
+        return reset_event(reason, last_event_id, head_id, dumps)
     return b"".join(resume.replay)
+
+
+def _come_back_later(retry: int | None, why: str) -> Response:
+    """End a stream at once with a retry hint: 200, never 503/429/204, on which a browser
+    stops reconnecting for good. The random part spreads the reconnections."""
+    delay = (retry or 3000) + random.randint(0, 5000)
+    return event_stream_response(retry_line(delay) + comment(f" {why}, retry later"))
 
 
 #: The ready blueprint: ``app.register_blueprint(sse, url_prefix="/stream")``.

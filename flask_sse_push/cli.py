@@ -15,7 +15,8 @@ from flask.cli import AppGroup
 
 from .errors import BusError
 from .parser import EventParser
-from .state import get_state, send_event
+from .publish import send_event
+from .state import get_state
 
 sse_cli = AppGroup("sse", help="Publish, listen to and inspect Server-Sent Events streams.")
 
@@ -54,13 +55,9 @@ def send_command(
             value = json.loads(text)
         except ValueError as exc:
             raise click.BadParameter(f"not valid JSON: {exc}", param_hint="DATA") from None
-    if get_state().settings.bus_url.startswith("memory:"):
-        click.echo(
-            "warning: SSE_BUS_URL is memory://, which reaches only clients of this process, "
-            "and this command's process has none; set SSE_BUS_URL to a redis:// URL to reach "
-            "the running app",
-            err=True,
-        )
+    warning = get_state().local_bus_warning("publishes from this command's own process")
+    if warning is not None:
+        click.echo(f"warning: {warning}", err=True)
     try:
         click.echo(send_event(value, event=event, id=event_id, retry=retry, channel=channel))
     except (TypeError, ValueError) as exc:
@@ -131,14 +128,14 @@ def stats_command(url: str) -> None:
     if cluster is not None:
         click.echo(
             f"{len(cluster['processes'])} processes ({stats['bus']} bus): "
-            f"{cluster['connections']} streams"
+            f"{cluster['streams']} streams"
         )
         for origin, process in sorted(cluster["processes"].items()):
-            click.echo(f"  {origin}: {process['connections']}")
+            click.echo(f"  {origin}: {process['streams']}")
         click.echo("channels:")
         counts = cluster["channels"]
     else:
-        click.echo(f"process {stats['pid']} ({stats['bus']} bus): {stats['connections']} streams")
+        click.echo(f"process {stats['pid']} ({stats['bus']} bus): {stats['streams']} streams")
         counts = stats["channels"]
     for channel, number in sorted(counts.items()):
         click.echo(f"  {channel}: {number}")
@@ -147,5 +144,5 @@ def stats_command(url: str) -> None:
         click.echo(
             f"process {stats['pid']} since start: {totals['opened']} streams opened, "
             f"{totals['closed']} closed, {totals['published']} events published, "
-            f"{totals['dropped']} slow clients dropped"
+            f"{totals['dropped']} slow streams dropped"
         )

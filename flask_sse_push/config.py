@@ -110,7 +110,7 @@ class Settings:
     :param retry: reconnection delay in ms announced on connect, or ``None``.
     :param bus_url: URL selecting the bus backend.
     :param history_size: events kept for replay.
-    :param max_connections: open streams allowed per process.
+    :param max_streams: open streams allowed per process (``SSE_MAX_CONNECTIONS``).
     :param max_channels: channels one connection may follow.
     :param max_lifetime: seconds before a stream is ended for reconnection, ``0`` for never.
     :param publish_timeout: seconds a publish may wait on a remote bus.
@@ -126,7 +126,7 @@ class Settings:
     retry: int | None
     bus_url: str
     history_size: int
-    max_connections: int
+    max_streams: int
     max_channels: int
     max_lifetime: float
     publish_timeout: float
@@ -162,7 +162,7 @@ class Settings:
             retry=retry,
             bus_url=bus_url,
             history_size=_number(config, SSE_HISTORY_SIZE, minimum=0, integer=True),
-            max_connections=_number(config, SSE_MAX_CONNECTIONS, minimum=1, integer=True),
+            max_streams=_number(config, SSE_MAX_CONNECTIONS, minimum=1, integer=True),
             max_channels=_number(config, SSE_MAX_CHANNELS, minimum=1, integer=True),
             max_lifetime=float(_number(config, SSE_MAX_LIFETIME, minimum=0, integer=False)),
             publish_timeout=float(

@@ -17,6 +17,10 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\x00]")
 _HEADER_SAFE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
+#: Event type of the reset signal: replay from the client's ``Last-Event-ID`` was impossible
+#: (too old, unknown or malformed), so the client should refetch its state.
+RESET_EVENT = "sse-reset"
+
 #: The longest ``event`` or ``id`` value accepted.
 MAX_FIELD_LENGTH = 256
 
@@ -152,11 +156,14 @@ def encode_body(text: str, event: str | None = None, retry: int | None = None) -
     return "".join(parts).encode("utf-8")
 
 
-def with_id(event_id: str | None, body: bytes) -> bytes:
-    """Prefix an encoded *body* with its ``id:`` line (nothing when *event_id* is ``None``)."""
+def with_id(event_id: str | bytes | None, body: bytes) -> bytes:
+    """Prefix an encoded *body* with its ``id:`` line (nothing when *event_id* is ``None``).
+    Buses call this with the id they assign or carry; it must already be validated."""
     if event_id is None:
         return body
-    return b"id: " + event_id.encode("utf-8") + b"\n" + body
+    if isinstance(event_id, str):
+        event_id = event_id.encode("utf-8")
+    return b"id: " + event_id + b"\n" + body
 
 
 def encode_event(event: Event, dumps: Callable[[Any], str], event_id: str | None = None) -> bytes:
@@ -182,3 +189,26 @@ def retry_line(milliseconds: int) -> bytes:
     """Encode a ``retry:`` line. A browser applies it when it reads the line; no blank line
     follows, so it dispatches nothing of its own (it joins the next event's block)."""
     return f"retry: {milliseconds}\n".encode("ascii")
+
+
+def stream_head(retry: int | None) -> bytes:
+    """The first bytes of every stream: the ``retry:`` hint, or a comment without one, so
+    that the headers and a first chunk reach the client at once."""
+    return retry_line(retry) if retry is not None else comment(" ok")
+
+
+def end_comment(reason: str) -> bytes:
+    """The comment line a stream's last chunk carries: why it ended."""
+    return comment(f" {reason}")
+
+
+def reset_event(
+    reason: str, last_event_id: str | None, head_id: str, dumps: Callable[[Any], str]
+) -> bytes:
+    """The ``RESET_EVENT`` (``sse-reset``) telling a client that replay after *last_event_id* was
+    impossible for *reason*; it resumes from *head_id*. At most ``MAX_FIELD_LENGTH``
+    characters of the client's id are echoed."""
+    if last_event_id is not None:
+        last_event_id = last_event_id[:MAX_FIELD_LENGTH]
+    notice = {"reason": reason, "lastEventId": last_event_id}
+    return with_id(head_id, encode_body(dumps(notice), RESET_EVENT))

@@ -64,24 +64,18 @@ def _watch(worker: Any) -> None:
 def _check_limits(worker: Any) -> None:
     from flask import Flask
 
-    from .config import SSE_BUS_URL, SSE_MAX_CONNECTIONS
-    from .state import EXTENSION_KEY
+    from .config import SSE_MAX_CONNECTIONS
+    from .state import get_state
 
     app = worker.wsgi
-    if not isinstance(app, Flask) or EXTENSION_KEY not in app.extensions:
+    state = get_state(app, required=False) if isinstance(app, Flask) else None
+    if state is None:
         return
-    settings = app.extensions[EXTENSION_KEY].settings
     workers = getattr(worker.cfg, "workers", 1)
-    if workers > 1 and settings.bus_url.startswith("memory:"):
-        log.warning(
-            "flask-sse-push: %d gunicorn workers share the in-process bus (%s = 'memory://'): "
-            "an event sent in one worker reaches only that worker's clients. Run one worker, "
-            "or set %s to a redis:// URL.",
-            workers,
-            SSE_BUS_URL,
-            SSE_BUS_URL,
-        )
-    limit = settings.max_connections
+    warning = state.local_bus_warning(f"is served by {workers} gunicorn workers")
+    if workers > 1 and warning is not None:
+        log.warning(warning)
+    limit = state.settings.max_streams
     slots = getattr(worker, "worker_connections", None)
     if isinstance(slots, int) and slots <= limit:
         log.warning(

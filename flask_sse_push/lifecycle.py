@@ -11,7 +11,8 @@ import os
 import weakref
 from typing import Protocol
 
-from .bus.base import SHUTDOWN, Bus
+from .bus import Bus
+from .reasons import EndReason
 
 log = logging.getLogger("flask_sse_push")
 
@@ -46,7 +47,7 @@ def track(bus: Bus) -> None:
     _buses.add(bus)
 
 
-def end_all_streams(reason: str = SHUTDOWN) -> int:
+def end_all_streams(reason: EndReason = EndReason.SHUTDOWN) -> int:
     """End every open stream of every app in this process, so that a server that is shutting
     down or reloading can exit at once; clients reconnect by themselves. Returns how many
     channel streams were ended (per-request streams of :func:`~flask_sse_push.sse_response`
@@ -55,7 +56,7 @@ def end_all_streams(reason: str = SHUTDOWN) -> int:
     With the default *reason* the process also counts as stopping from then on (see
     :func:`stopping`): streams that still arrive are told to come back later at once.
     """
-    if reason == SHUTDOWN:
+    if reason is EndReason.SHUTDOWN:
         mark_stopping()
         for response in list(_responses):
             response.stop()

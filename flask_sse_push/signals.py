@@ -5,9 +5,12 @@ closure or bound method that nothing else holds::
 
     from flask_sse_push import signals
 
-    @signals.connection_opened.connect_via(app)
+    @signals.stream_opened.connect_via(app)
     def opened(app, channels, **extra):
         ...
+
+The names of version 0.1 (``connection_opened``, ``connection_closed``, ``client_dropped``)
+still work: they are the same signals.
 """
 
 from __future__ import annotations
@@ -16,23 +19,31 @@ from blinker import Namespace
 
 _signals = Namespace()
 
-connection_opened = _signals.signal(
-    "connection-opened",
+stream_opened = _signals.signal(
+    "stream-opened",
     doc="A stream was opened. Keyword arguments: ``channels`` (frozenset of str).",
 )
-connection_closed = _signals.signal(
-    "connection-closed",
-    doc="A stream ended. Keyword arguments: ``channels`` and ``reason``: ``'closed'`` when "
-    "the client went away or the server closed it, else ``'slow'``, ``'shutdown'``, "
-    "``'revoked'`` or ``'lifetime'``.",
+stream_closed = _signals.signal(
+    "stream-closed",
+    doc="A stream ended. Keyword arguments: ``channels`` and ``reason``, an "
+    ":class:`~flask_sse_push.EndReason` (a str): ``'closed'`` when the client went "
+    "away or the server closed it, else ``'slow'``, ``'shutdown'``, ``'revoked'``, "
+    "``'lifetime'`` or ``'lagged'``.",
 )
 event_published = _signals.signal(
     "event-published",
     doc="``send_event`` published an event. Keyword arguments: ``channel``, ``id``, ``data`` "
     "(as given) and ``event`` (the type or ``None``).",
 )
-client_dropped = _signals.signal(
-    "client-dropped",
+stream_dropped = _signals.signal(
+    "stream-dropped",
     doc="A stream was ended because its client read too slowly and its queue overflowed. "
     "Keyword arguments: ``channels``.",
 )
+
+#: Former name of :data:`stream_opened`.
+connection_opened = stream_opened
+#: Former name of :data:`stream_closed`.
+connection_closed = stream_closed
+#: Former name of :data:`stream_dropped`.
+client_dropped = stream_dropped

@@ -1,4 +1,16 @@
-"""The body of every stream response: replay, live events and keep-alives."""
+"""Stream bodies and the response that carries them.
+
+Every open stream is a :class:`StreamBody`, a WSGI response body that writes its first line
+at once, then what its :class:`~flask_sse_push.mailbox.Mailbox` receives, with keep-alives
+in the quiet times, until the mailbox ends or the client leaves. It has two kinds:
+
+- :class:`BusStream`, a client following channels: its mailbox is a
+  :class:`~flask_sse_push.bus.Subscription` that the bus fills;
+- :class:`GeneratorStream`, a per-request stream (:func:`~flask_sse_push.sse_response`):
+  a producer running the app's generator fills its mailbox.
+
+:func:`event_stream_response` wraps either (or a short fixed body) in the response.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +18,30 @@ import contextlib
 import itertools
 import socket
 import time
-from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from collections.abc import Callable, Generator, Iterator, Mapping
+from typing import Any, Protocol
 
-from . import lifecycle
-from .bus.base import CLOSED, LIFETIME, SHUTDOWN, Bus, Subscription
-from .encoding import KEEPALIVE, comment
+from flask import Response
+
+from . import lifecycle, mailbox
+from .bus.base import Bus, Subscription
+from .encoding import KEEPALIVE, end_comment
 from .errors import BusError
+from .mailbox import Mailbox
+from .reasons import EndReason
 
 #: Longest pause, in seconds, between attempts to fetch a replay from an unreachable bus.
 RETRY_CAP = 2.0
 
+CONTENT_TYPE = "text/event-stream; charset=utf-8"
+HEADERS: Mapping[str, str] = {
+    "Cache-Control": "no-cache",
+    # nginx buffers proxied responses unless told not to.
+    "X-Accel-Buffering": "no",
+}
 
-def client_socket(environ: dict[str, Any], send_timeout: float) -> socket.socket | None:
+
+def client_socket(environ: Mapping[str, Any], send_timeout: float) -> socket.socket | None:
     """The client's socket, where the server tells it (gunicorn, Werkzeug), with
     *send_timeout* applied to writes that stall (``0``: none)."""
     sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
@@ -30,51 +53,53 @@ def client_socket(environ: dict[str, Any], send_timeout: float) -> socket.socket
     return sock
 
 
-class EventStream:
-    """A WSGI response body that writes *head* at once, then the events queued for *sub*.
+def event_stream_response(
+    body: StreamBody | bytes, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    """A ``text/event-stream`` response of *body*, with the headers every stream needs
+    (no caching, no proxy buffering) and then *headers*."""
+    response = Response(body, status, content_type=CONTENT_TYPE, direct_passthrough=True)
+    response.headers.update(HEADERS)
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
 
-    A comment line goes out after every *keepalive* seconds of silence (``0``: never); it
-    keeps proxies from closing the stream and lets the server notice a vanished client. The
-    stream ends when the subscription is ended (slow client, shutdown, revocation), after
-    *max_lifetime* seconds when that is set, or when the client goes away, which the server
-    reports by calling :meth:`close`. In every case *sub* leaves the bus exactly once, even
-    when the body was never iterated.
 
-    :param sub: the connection's subscription, already on the bus.
-    :param bus: the bus to leave at the end.
-    :param head: bytes written at once (retry hint, and replay and initial state when known).
-    :param catch_up: when set, returns bytes to write after *head* and before any live event
-        (replay from a remote bus, then initial state); it is called again, with keep-alives
-        in between, while it raises :class:`~flask_sse_push.BusError`.
-    :param keepalive: seconds between keep-alive comments.
-    :param max_lifetime: seconds before the stream ends for a reconnection, ``0`` for never.
-    :param on_close: called once with *sub* when the stream is over.
+class StreamBody:
+    """What every stream body does: write *head*, then the mailbox's events with
+    keep-alives, until the mailbox ends; end at shutdown; release its resources once,
+    however it ends (even when never iterated).
+
+    :param box: the mailbox to write from.
+    :param head: bytes written at once (retry hint, replay and initial state when known).
+    :param keepalive: seconds of silence before a keep-alive comment (``0``: never).
+    :param sock: the client's socket, cut by :meth:`abort`.
+    :param on_close: called once when the stream is over.
     """
 
     def __init__(
         self,
-        sub: Subscription,
-        bus: Bus,
+        box: Mailbox,
         head: bytes,
         *,
-        catch_up: Callable[[], bytes] | None = None,
         keepalive: float,
-        max_lifetime: float = 0.0,
-        on_close: Callable[[Subscription], None] | None = None,
         sock: socket.socket | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
-        self.sub = sub
-        self._bus = bus
+        self.box = box
+        self._keepalive = keepalive
+        self._sock = sock
         self._on_close = on_close
         self._finished = False
-        self._catch_up = catch_up
-        self._sock = sock
-        self._events = self._run(head, keepalive or None, max_lifetime)
+        self._events = self._run(head)
         lifecycle.track_response(self)
 
+    def __iter__(self) -> Iterator[bytes]:
+        return self._events
+
     def stop(self) -> None:
-        """End the stream at shutdown (see :func:`~flask_sse_push.end_all_streams`)."""
-        self.sub.end(SHUTDOWN)
+        """End the stream at shutdown (see :func:`~flask_sse_push.lifecycle.end_all_streams`)."""
+        self.box.end(EndReason.SHUTDOWN)
 
     def abort(self) -> None:
         """Cut the connection of a stream that did not end after :meth:`stop`, because its
@@ -83,16 +108,13 @@ class EventStream:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
 
-    def __iter__(self) -> Iterator[bytes]:
-        return self._events
-
     def close(self) -> None:
-        """Stop the stream and leave the bus (WSGI servers call this when done).
+        """End the stream and release it (WSGI servers call this when done).
 
         Safe to call from another thread while the body is being iterated: the waiting
         iteration wakes up and ends.
         """
-        self.sub.end(CLOSED)
+        self.box.end(EndReason.CLOSED)
         # "generator already executing" in another thread: woken by end(), it ends by itself.
         with contextlib.suppress(ValueError):
             self._events.close()
@@ -102,57 +124,102 @@ class EventStream:
         if self._finished:
             return
         self._finished = True
-        self._bus.unsubscribe(self.sub)
+        self._release()
         if self._on_close is not None:
-            self._on_close(self.sub)
+            self._on_close()
 
-    def _run(
-        self, head: bytes, wait: float | None, max_lifetime: float
-    ) -> Generator[bytes, None, None]:
-        # Keep-alives: the bus's sweeper wakes a quiet stream with nothing to take, so the
-        # wait below needs no timer of its own (a timer per wait costs a lot per event).
-        sub = self.sub
-        deadline = time.monotonic() + max_lifetime if max_lifetime else None
+    def _release(self) -> None:
+        """Give back what the stream holds (its place on the bus, its producer)."""
+
+    def _opening(self) -> Generator[bytes, None, bool]:
+        """Runs after the head, before the mailbox is read; returns ``False`` when the stream
+        ended meanwhile."""
+        return True
+        yield b""  # pragma: no cover - makes this a generator
+
+    def _timeout(self) -> float | None:
+        """How long the next wait for the mailbox may last (``None``: no limit)."""
+        return None
+
+    def _run(self, head: bytes) -> Generator[bytes, None, None]:
+        box = self.box
         try:
             yield head
-            if self._catch_up is not None:
-                caught_up = yield from self._wait_for_catch_up(self._catch_up, wait)
-                if not caught_up:
-                    yield comment(f" {sub.reason}")
-                    return
+            if not (yield from self._opening()):
+                yield end_comment(str(box.reason))
+                return
             while True:
-                timeout = None
-                if deadline is not None:
-                    timeout = deadline - time.monotonic()
-                    if timeout <= 0:
-                        sub.end(LIFETIME)
-                data = sub.take(timeout)
+                data = box.take(self._timeout())
                 if data:
                     yield data
                 elif data is None:
-                    yield comment(f" {sub.reason}")
+                    if box.reason is not EndReason.DONE:
+                        yield end_comment(str(box.reason))
                     return
-                elif wait is not None:
+                elif self._keepalive:
                     yield KEEPALIVE
         finally:
             self._finish()
 
-    def _wait_for_catch_up(
-        self, catch_up: Callable[[], bytes], wait: float | None
-    ) -> Generator[bytes, None, bool]:
-        """Write what *catch_up* returns once it succeeds; keep-alives meanwhile. Returns
-        ``False`` if the subscription ended first."""
+
+class BusStream(StreamBody):
+    """A stream of the channels a :class:`~flask_sse_push.bus.Subscription` follows.
+
+    :param sub: the subscription, already on *bus*; it leaves the bus exactly once.
+    :param bus: the bus.
+    :param catch_up: when set, returns bytes to write after the head and before any live
+        event (replay from a remote bus, then initial state); it is called again, with
+        keep-alives in between, while it raises :exc:`~flask_sse_push.BusError`.
+    :param max_lifetime: seconds before the stream ends for a reconnection, ``0`` for never.
+    :param kwargs: see :class:`StreamBody`.
+    """
+
+    box: Subscription
+
+    def __init__(
+        self,
+        sub: Subscription,
+        bus: Bus,
+        head: bytes,
+        *,
+        catch_up: Callable[[], bytes] | None = None,
+        max_lifetime: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        self._bus = bus
+        self._catch_up = catch_up
+        self._deadline = time.monotonic() + max_lifetime if max_lifetime else None
+        super().__init__(sub, head, **kwargs)
+
+    def _release(self) -> None:
+        self._bus.unsubscribe(self.box)
+
+    def _timeout(self) -> float | None:
+        if self._deadline is None:
+            return None
+        timeout = self._deadline - time.monotonic()
+        if timeout <= 0:
+            self.box.end(EndReason.LIFETIME)
+        return timeout
+
+    def _opening(self) -> Generator[bytes, None, bool]:
+        """Write what :attr:`catch_up` returns once it succeeds; keep-alives meanwhile."""
+        if self._catch_up is None:
+            return True
         quiet = 0.0
         for attempt in itertools.count():
-            if self.sub.reason is not None:
+            if self.box.reason is not None:
+                return False
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                self.box.end(EndReason.LIFETIME)
                 return False
             try:
-                data = catch_up()
+                data = self._catch_up()
             except BusError:
                 pause = min(0.1 * 2**attempt, RETRY_CAP)
                 time.sleep(pause)
                 quiet += pause
-                if wait is not None and quiet >= wait:
+                if self._keepalive and quiet >= self._keepalive:
                     quiet = 0.0
                     yield KEEPALIVE
                 continue
@@ -160,3 +227,40 @@ class EventStream:
                 yield data
             return True
         return False  # pragma: no cover - itertools.count() never ends
+
+
+class Producer(Protocol):
+    """What runs a per-request stream's source and fills its mailbox."""
+
+    def start(self) -> None:
+        """Start filling the mailbox in the background."""
+
+    def stop(self) -> None:
+        """Stop soon; safe to call more than once, from any thread."""
+
+
+class GeneratorStream(StreamBody):
+    """A per-request stream: *producer* starts when the body is first iterated and fills
+    the mailbox; it is stopped however the stream ends.
+
+    :param producer: the producer.
+    :param kwargs: see :class:`StreamBody`.
+    """
+
+    def __init__(self, box: Mailbox, head: bytes, producer: Producer, **kwargs: Any) -> None:
+        self._producer = producer
+        super().__init__(box, head, **kwargs)
+        mailbox.keep_alive(box, self._keepalive)
+
+    def stop(self) -> None:
+        super().stop()
+        self._producer.stop()
+
+    def _opening(self) -> Generator[bytes, None, bool]:
+        self._producer.start()
+        return True
+        yield b""  # pragma: no cover - makes this a generator
+
+    def _release(self) -> None:
+        mailbox.forget(self.box, self._keepalive)
+        self._producer.stop()

@@ -62,7 +62,7 @@ def client(app: Flask) -> FlaskClient:
 
 
 def connections(app: Flask) -> int:
-    return get_state(app).bus.connection_count()
+    return get_state(app).bus.stream_count()
 
 
 def publish(app: Flask, data: Any, **kwargs: Any) -> str:
@@ -373,7 +373,7 @@ def test_connection_limit_answers_200_with_retry_and_ends(make: Maker) -> None:
         body = response.get_data()
         assert body.startswith(b"retry: ")
         assert 3000 <= int(body.split(b"\n")[0].split(b": ")[1]) <= 8000
-        assert b"too many connections" in body
+        assert b"too many streams" in body
     assert connections(app) == 0
 
 

@@ -33,7 +33,7 @@ def test_send_text_json_and_stdin(app: Flask) -> None:
         result = runner.invoke(sse_cli, ["send", "news", "hello", "--event", "note", "--id", "7"])
         assert result.exit_code == 0, result.output
         assert result.stdout.strip() == "7"
-        assert "reaches only clients of this process" in result.stderr
+        assert "reaches only the clients of that process" in result.stderr
         result = runner.invoke(sse_cli, ["send", "news", '{"a": [1]}', "--json"])
         assert result.exit_code == 0, result.output
         result = runner.invoke(sse_cli, ["send", "alerts"], input="from stdin\n")

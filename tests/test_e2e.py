@@ -161,6 +161,7 @@ def test_thousands_of_connect_disconnect_cycles_leave_nothing_behind(
     assert stats(server.url) == {
         "pid": worker,
         "bus": "memory",
+        "streams": 0,
         "connections": 0,
         "channels": {},
         "totals": {"opened": 10000, "closed": 10000, "published": 0, "dropped": 0},
@@ -272,7 +273,7 @@ def test_stalled_reader_does_not_hold_back_anyone_and_catches_up(
 
 def test_several_workers_on_the_memory_bus_warn(gunicorn: GunicornFactory) -> None:
     server = serve(gunicorn, workers=2)
-    assert wait_for(lambda: server.log_text().count("2 gunicorn workers share") == 2, 10)
+    assert wait_for(lambda: server.log_text().count("is served by 2 gunicorn workers") == 2, 10)
 
 
 def test_worker_connections_below_the_stream_limit_warn(gunicorn: GunicornFactory) -> None:
@@ -293,11 +294,11 @@ def test_reload_after_a_deploy_runs_the_new_code(gunicorn: GunicornFactory, tmp_
     server = serve(gunicorn, env={"PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"})
     (old_worker,) = server.worker_pids()
     assert requests.head(server.url + "/stream", timeout=5).headers.get("X-Deployed") is None
-    blueprint = site / "flask_sse_push" / "blueprint.py"
-    code = blueprint.read_text()
+    module = site / "flask_sse_push" / "stream.py"
+    code = module.read_text()
     marker = '    "X-Accel-Buffering": "no",\n'
     assert marker in code
-    blueprint.write_text(code.replace(marker, marker + '    "X-Deployed": "2",\n'))
+    module.write_text(code.replace(marker, marker + '    "X-Deployed": "2",\n'))
     server.reload()
     assert wait_for(lambda: old_worker not in server.worker_pids() and server.worker_pids(), 15)
 

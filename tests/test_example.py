@@ -61,4 +61,4 @@ def test_private_channel_needs_the_right_login(app: Flask) -> None:
         assert ann.post("/logout").status_code == 303
         reader.events(timeout=2)
         assert reader.ended
-    assert get_state(app).bus.connection_count() == 0
+    assert get_state(app).bus.stream_count() == 0

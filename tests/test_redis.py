@@ -187,7 +187,7 @@ def test_one_receive_connection_per_worker_and_a_small_publish_pool(
         assert "(redis bus): 200 streams" in cli.stdout
         assert "  all: 200" in cli.stdout
         serving = {
-            origin.rsplit(":", 1)[1]
+            origin.rsplit(":", 2)[1]
             for origin, process in stats["cluster"]["processes"].items()
             if process["channels"].get("all")
         }
@@ -235,7 +235,7 @@ def test_four_workers_every_client_gets_every_event_even_across_a_worker_restart
         busiest = max(
             processes["processes"].items(), key=lambda item: item[1]["channels"].get("a", 0)
         )
-        victim = int(busiest[0].rsplit(":", 1)[1])
+        victim = int(busiest[0].rsplit(":", 2)[1])
         assert victim in server.worker_pids()
         os.kill(victim, 15)
         for i in range(10):
@@ -337,7 +337,7 @@ def test_a_receiver_left_behind_by_trimming_never_skips_silently(redis_app: Flas
     app_state = get_state(redis_app)
     response = redis_app.test_client().get("/stream?channel=a", buffered=False)
     with EventReader(response) as reader:
-        assert wait_for(lambda: app_state.bus.connection_count() == 1, 5)
+        assert wait_for(lambda: app_state.bus.stream_count() == 1, 5)
         time.sleep(0.3)
         client = app_state.bus._client  # the same stream and entry format as send_event
         pipe = client.pipeline(transaction=False)

@@ -1,4 +1,9 @@
-"""Bus backends: the in-process bus and the Redis bus, chosen by ``SSE_BUS_URL``."""
+"""Bus backends, chosen by the scheme of ``SSE_BUS_URL``: the in-process bus
+(``memory://``) and the Redis bus (``redis://``, ``rediss://``, ``unix://``).
+
+Each backend module declares its :class:`Bus` subclass, which registers its schemes; the
+Redis client library is imported only when a Redis bus is created.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from urllib.parse import urlsplit
 
 from ..config import SSE_BUS_URL, Settings
 from ..errors import ConfigurationError
+from . import memory, redis  # noqa: F401 - imported for their registrations
 from .base import (
     Bus,
     Message,
@@ -16,10 +22,12 @@ from .base import (
     register_bus,
     registered_schemes,
 )
+from .fanout import Fanout
 from .memory import MemoryBus
 
 __all__ = [
     "Bus",
+    "Fanout",
     "MemoryBus",
     "Message",
     "Reset",
@@ -33,7 +41,8 @@ __all__ = [
 def create_bus(url: str, settings: Settings, name: str) -> Bus:
     """Create the bus that *url* selects.
 
-    :raises ConfigurationError: when no backend serves the URL's scheme.
+    :raises ConfigurationError: when no backend serves the URL's scheme, or the backend's
+        dependencies are not installed.
     """
     scheme = urlsplit(url).scheme
     factory = factory_for(scheme)
@@ -41,23 +50,6 @@ def create_bus(url: str, settings: Settings, name: str) -> Bus:
         known = ", ".join(f"'{s}://'" for s in registered_schemes())
         raise ConfigurationError(
             f"{SSE_BUS_URL} = {url!r} uses the unknown scheme {scheme!r}; use one of {known}, "
-            "or add a backend with flask_sse_push.bus.register_bus()."
+            "or add a backend: a flask_sse_push.bus.Bus subclass naming it in 'schemes'."
         )
     return factory(url, settings, name)
-
-
-def _redis_bus(url: str, settings: Settings, name: str) -> Bus:
-    try:
-        from .redis import RedisBus
-    except ModuleNotFoundError as exc:
-        if exc.name != "redis":
-            raise
-        raise ConfigurationError(
-            f"{SSE_BUS_URL} = {url!r} needs the Redis client: pip install 'flask-sse-push[redis]'"
-        ) from exc
-    return RedisBus(url, settings, name=name)
-
-
-register_bus("memory", lambda url, settings, name: MemoryBus(url, settings, name=name))
-for _scheme in ("redis", "rediss", "unix"):
-    register_bus(_scheme, _redis_bus)

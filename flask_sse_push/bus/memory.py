@@ -17,8 +17,10 @@ from collections import deque
 
 import blinker
 
-from ..encoding import MAX_FIELD_LENGTH
-from .base import Bus, Fanout, Message, Reset, Resume, Subscription
+from ..encoding import MAX_FIELD_LENGTH, with_id
+from ..reasons import ResetReason
+from .base import Bus, Message, Reset, Resume, Subscription
+from .fanout import Fanout
 
 
 class MemoryBus(Bus):
@@ -26,6 +28,7 @@ class MemoryBus(Bus):
     and a bounded history."""
 
     schemes = ("memory",)
+    local = True
 
     _signal: blinker.Signal
     _epoch: str
@@ -50,7 +53,7 @@ class MemoryBus(Bus):
             self._seq += 1
             if event_id is None:
                 event_id = f"{self._epoch}-{self._seq}"
-            message = Message(channel, event_id, b"id: " + event_id.encode() + b"\n" + body)
+            message = Message(channel, event_id, with_id(event_id, body))
             self._history.append((self._seq, message))
             self._signal.send(self, message=message, fanout=fanout)
         return event_id
@@ -83,15 +86,15 @@ class MemoryBus(Bus):
         if last_event_id is None:
             return Resume([], None)
         if not last_event_id or len(last_event_id) > MAX_FIELD_LENGTH:
-            return Resume([], Reset("malformed", self._head_id()))
+            return Resume([], Reset(ResetReason.MALFORMED, self._head_id()))
         position = self._position(last_event_id)
         if position is None:
-            return Resume([], Reset("unknown", self._head_id()))
+            return Resume([], Reset(ResetReason.UNKNOWN, self._head_id()))
         if position == self._seq:
             return Resume([], None)
         first = self._history[0][0] if self._history else self._seq + 1
         if position < first - 1:
-            return Resume([], Reset("too-old", self._head_id()))
+            return Resume([], Reset(ResetReason.TOO_OLD, self._head_id()))
         channels = sub.channels
         missed = itertools.islice(self._history, position - first + 1, None)
         return Resume([m.payload for _, m in missed if m.channel in channels], None)

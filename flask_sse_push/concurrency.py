@@ -43,17 +43,23 @@ class Park:
     schedules its switch directly.
 
     It does what ``gevent.event.Event`` does for a single waiter at well under half the
-    cost, which matters because every delivered event wakes one stream. ``set()`` must be
-    called from the hub's own thread (any greenlet of the worker), like gevent's event.
+    cost, which matters because every delivered event wakes one stream. ``set()`` may be
+    called from any thread: from a thread other than the hub's (gevent's thread pool, a
+    library's native thread) it goes through the loop's thread-safe callback, which also
+    wakes the loop at once.
     """
 
-    __slots__ = ("_callback", "_flag", "_hub", "_schedule", "_waiter")
+    __slots__ = ("_callback", "_flag", "_hub", "_ident", "_schedule", "_thread", "_waiter")
 
     def __init__(self) -> None:
         from gevent.hub import get_hub
+        from gevent.monkey import get_original
 
         self._hub = get_hub()
         self._schedule = self._hub.loop.run_callback
+        # threading.get_ident names the greenlet once gevent has patched it.
+        self._ident = get_original("_thread", "get_ident")
+        self._thread = self._ident()
         self._flag = False
         #: The parked greenlet's ``switch``, while one is parked.
         self._waiter: Any = None
@@ -62,6 +68,9 @@ class Park:
 
     def set(self) -> None:
         """Set the flag and wake the waiter, if one is parked."""
+        if self._ident() != self._thread:
+            self._hub.loop.run_callback_threadsafe(self.set)
+            return
         self._flag = True
         waiter = self._waiter
         if waiter is not None:

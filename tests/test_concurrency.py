@@ -10,7 +10,7 @@ SCRIPT = textwrap.dedent(
     """
     from gevent import monkey; monkey.patch_all()
     import gevent
-    from flask_sse_push._sync import Park, new_event
+    from flask_sse_push.concurrency import Park, new_event
 
     assert isinstance(new_event(), Park)
     park = Park()
