@@ -45,8 +45,8 @@ class Mailbox:
         return len(self._items)
 
     def push(self, payload: bytes) -> bool:
-        """Queue *payload*; when the queue is full, end with :attr:`~flask_sse_push.EndReason.SLOW` instead
-        and return ``False``."""
+        """Queue *payload*; when the queue is full, end with
+        :attr:`~flask_sse_push.EndReason.SLOW` instead and return ``False``."""
         if self.reason is not None:
             return True
         if len(self._items) >= self._limit:

@@ -70,8 +70,8 @@ class Subscription(Mailbox):
     """One stream's place on the bus: the channels it follows, whose it is, and the
     :class:`~flask_sse_push.mailbox.Mailbox` the bus fills for it.
 
-    When its queue overflows it ends with :attr:`~flask_sse_push.EndReason.SLOW`; the client reconnects and gets what it missed
-    from the history.
+    When its queue overflows it ends with :attr:`~flask_sse_push.EndReason.SLOW`; the
+    client reconnects and gets what it missed from the history.
 
     :param channels: the channels followed.
     :param limit: how many events may wait in the queue.
