@@ -120,6 +120,11 @@ def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+#: The backend classes of the package and the ``bus_url`` parameter that runs each; a test
+#: checks that every registered backend class is here.
+BACKEND_URLS = {"MemoryBus": "memory", "RedisBus": "redis"}
+
+
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def bus_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """``SSE_BUS_URL`` for each backend: the same test runs against the in-process bus and

@@ -12,16 +12,14 @@ import os
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from .. import concurrency
 from ..config import SSE_BUS_URL, Settings
 from ..errors import ConfigurationError
 from ..mailbox import Mailbox
 from ..reasons import EndReason, ResetReason
-
-if TYPE_CHECKING:
-    from .fanout import Fanout
+from .fanout import Fanout
 
 BusFactory = Callable[[str, Settings, str], "Bus"]
 
@@ -137,8 +135,6 @@ class Bus(ABC):
     def fanout(self) -> Fanout:
         """This process's fan-out, created (with the rest of the state) at first use."""
         if self._pid != os.getpid() or self._fanout is None:
-            from .fanout import Fanout
-
             # The fan-out refers back to the bus only weakly: a receiver holding the fan-out
             # must not keep a discarded app's bus alive.
             self._fanout = Fanout(

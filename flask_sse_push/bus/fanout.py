@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import mailbox
 from ..reasons import EndReason
-from .base import Message, Subscription
+
+if TYPE_CHECKING:
+    from .base import Message, Subscription
 
 log = logging.getLogger("flask_sse_push")
 
