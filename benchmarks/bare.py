@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import gevent
-from benchutil import HOST, encode_data, event_data, raise_nofile_limit, run_schedule
+from benchutil import HOST, encode_chunk, encode_data, event_data, raise_nofile_limit, run_schedule
 from gevent import socket
 from gevent.server import StreamServer
 
@@ -40,11 +40,6 @@ _SSE_HEAD = (
     b"Transfer-Encoding: chunked\r\n"
     b"\r\n"
 )
-
-
-def chunk(data: bytes) -> bytes:
-    """Frame *data* as one HTTP/1.1 chunk."""
-    return b"%X\r\n%s\r\n" % (len(data), data)
 
 
 def read_head(sock: socket.socket) -> bytes | None:
@@ -79,7 +74,7 @@ class Broadcaster:
         """Encode event *n* once and ``sendall`` it to every client."""
         self.seq += 1
         body = b"id: %s-%d\ndata: %s\n\n" % (self.epoch, self.seq, encode_data(event_data(n)))
-        frame = chunk(body)
+        frame = encode_chunk(body)
         dead: list[socket.socket] = []
         for sock in list(self.clients):
             try:
@@ -117,7 +112,7 @@ class Broadcaster:
 
     def stream(self, sock: socket.socket) -> None:
         """Start the event stream and hold the connection until the client goes away."""
-        sock.sendall(_SSE_HEAD + chunk(b"retry: 3000\n\n"))
+        sock.sendall(_SSE_HEAD + encode_chunk(b"retry: 3000\n\n"))
         self.clients[sock] = None
         try:
             while sock.recv(4096):

@@ -1,4 +1,12 @@
-"""Small helpers shared by the benchmark's orchestrator, servers and client.
+"""Small helpers shared by the benchmark's orchestrator, servers and client, and the pieces
+they share with the tests.
+
+The tests' support package (``tests/support``) provides the free ports, the file limit, the
+chunked-transfer decoder and the redis-server launcher; this module puts ``tests/`` on
+``sys.path`` and re-exports what the benchmarks use. The scripts run as
+``python benchmarks/<script>.py``, which puts only ``benchmarks/`` on the path: this is the
+one place that adds ``tests/``, so the benchmark modules import those pieces from here
+(``targets.py`` loads the redis-server launcher itself, and only in redis mode).
 
 Nothing here imports gevent at module level: the orchestrator and the client never load it,
 and the servers import it themselves (gunicorn's worker after its monkey-patching).
@@ -7,38 +15,40 @@ and the servers import it themselves (gunicorn's worker after its monkey-patchin
 from __future__ import annotations
 
 import json
-import resource
-import socket
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+_TESTS_DIR = str(Path(__file__).resolve().parent.parent / "tests")
+if _TESTS_DIR not in sys.path:
+    sys.path.append(_TESTS_DIR)
+
+from support.http import ChunkedDecoder, encode_chunk, is_chunked, parse_head  # noqa: E402
+from support.procs import free_port, raise_nofile_limit, read_log  # noqa: E402
+
+__all__ = [
+    "CHANNEL",
+    "HOST",
+    "STREAM_PATH",
+    "ChunkedDecoder",
+    "encode_chunk",
+    "encode_data",
+    "event_data",
+    "free_port",
+    "is_chunked",
+    "parse_head",
+    "raise_nofile_limit",
+    "read_log",
+    "run_schedule",
+]
 
 HOST = "127.0.0.1"
 #: The channel every benchmark client follows and every event is published to.
 CHANNEL = "bench"
 #: Path of the event stream on both servers.
 STREAM_PATH = f"/stream?channel={CHANNEL}"
-
-
-def raise_nofile_limit() -> tuple[int, int]:
-    """Raise this process's RLIMIT_NOFILE soft limit to the hard limit; return the new pair."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return soft, hard
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError):
-        return soft, hard
-    return target, hard
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def event_data(n: int) -> dict[str, Any]:

@@ -17,19 +17,22 @@ import http.client
 import json
 import os
 import queue
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import psutil
-from benchutil import HOST, STREAM_PATH, free_port
+from benchutil import HOST, STREAM_PATH, read_log
+
+if TYPE_CHECKING:
+    import redis
+    from support.redis_server import RedisServer
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -97,106 +100,55 @@ def _sum_cpu(procs: list[psutil.Process]) -> float:
 
 
 class RedisService:
-    """A throwaway ``redis-server`` on a free 127.0.0.1 port without persistence.
+    """A throwaway ``redis-server`` on a free 127.0.0.1 port without persistence, started by
+    the tests' launcher (:class:`support.redis_server.RedisServer`).
 
     Started once per benchmark invocation and tracked in :data:`REGISTRY`; :meth:`stop` ends
     it by pid (SIGTERM, SIGKILL after a bounded wait). :meth:`reset` empties it before each
-    run, so every run starts from the same (empty) stream.
+    run, so every run starts from the same (empty) stream. Only the redis mode uses it, so
+    redis-py (which the launcher needs) is imported when it starts.
     """
 
     name = "redis-server"
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self.port = 0
-        self.url = ""
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.server: RedisServer | None = None
         self.ps: psutil.Process | None = None
-        self.log_path: Path | None = None
-        self._log: IO[bytes] | None = None
+        self._client: redis.Redis | None = None
 
     def start(self, timeout: float = 10.0) -> dict[str, str]:
         """Start redis-server, wait (at most *timeout* s) for ``PING``; return its settings."""
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not on PATH (Debian package redis-server)")
-        self.port = free_port()
-        self.url = f"redis://{HOST}:{self.port}/0"
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.log_dir / f"redis-{self.port}.log"
-        self._log = self.log_path.open("wb")
-        argv = [exe, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no"]
-        argv += ["--dir", str(self.log_dir)]
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=self.log_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.ps = track(self.proc.pid)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited at start; see {self.log_path}")
-            if self._command("PING") == "+PONG":
-                return {"SSE_BUS_URL": self.url}
-            time.sleep(0.1)
-        raise RuntimeError(f"redis-server did not answer in {timeout:.0f} s; see {self.log_path}")
+        from support.redis_server import RedisServer, redis_server_executable
 
-    def _command(self, *words: str, timeout: float = 2.0) -> str | None:
-        """Send one inline command and return the first reply line (``None`` on error)."""
-        try:
-            with socket.create_connection((HOST, self.port), timeout=timeout) as sock:
-                sock.sendall(" ".join(words).encode() + b"\r\n")
-                reply = b""
-                while not reply.endswith(b"\r\n"):
-                    data = sock.recv(4096)
-                    if not data:
-                        break
-                    reply += data
-        except OSError:
-            return None
-        return reply.decode("utf-8", "replace").strip()
+        if redis_server_executable() is None:
+            raise RuntimeError("redis-server is not on PATH (Debian package redis-server)")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.server = RedisServer(self.log_dir).start(timeout)
+        assert self.server.proc is not None
+        self.ps = track(self.server.proc.pid)
+        self._client = self.server.client(socket_timeout=10)
+        return {"SSE_BUS_URL": self.server.url}
 
     def client_names(self) -> dict[str, int]:
         """How many connections redis-server has under each client name (``CLIENT LIST``);
         the Redis bus names its connections ``flask-sse-push:receive:<pid>`` and
         ``flask-sse-push:publish:<pid>``. Empty when the server cannot be asked."""
-        try:
-            with socket.create_connection((HOST, self.port), timeout=5.0) as sock:
-                sock.sendall(b"CLIENT LIST\r\n")
-                data = b""
-                while b"\r\n" not in data:
-                    more = sock.recv(65536)
-                    if not more:
-                        return {}
-                    data += more
-                head, _, body = data.partition(b"\r\n")
-                if not head.startswith(b"$"):
-                    return {}
-                size = int(head[1:])
-                while len(body) < size + 2:
-                    more = sock.recv(65536)
-                    if not more:
-                        return {}
-                    body += more
-        except (OSError, ValueError):
+        from redis.exceptions import RedisError
+
+        if self._client is None:
             return {}
-        names: dict[str, int] = {}
-        for line in body[:size].decode("utf-8", "replace").splitlines():
-            fields = dict(f.split("=", 1) for f in line.split(" ") if "=" in f)
-            name = fields.get("name", "")
-            if name:
-                names[name] = names.get(name, 0) + 1
-        return names
+        try:
+            clients = self._client.client_list()
+        except RedisError:
+            return {}
+        return dict(Counter(c["name"] for c in clients if c.get("name")))
 
     def reset(self) -> None:
         """Empty the server (``FLUSHALL``) before a run."""
-        reply = self._command("FLUSHALL", timeout=10.0)
-        if reply != "+OK":
-            raise RuntimeError(f"redis-server FLUSHALL answered {reply!r}; see {self.log_path}")
+        assert self._client is not None and self.server is not None
+        if not self._client.flushall():
+            raise RuntimeError(f"redis-server FLUSHALL failed; see {self.server.log_path}")
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of redis-server so far."""
@@ -204,27 +156,19 @@ class RedisService:
 
     def stop(self) -> None:
         """Stop redis-server by pid (SIGTERM, SIGKILL after 5 s)."""
-        if self.ps is not None:
-            stop_procs([self.ps], timeout=5)
-            if self.ps in REGISTRY:
-                REGISTRY.remove(self.ps)
-        if self.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=2)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self.server is not None:
+            self.server.stop(timeout=5)
+        if self.ps is not None and self.ps in REGISTRY:
+            REGISTRY.remove(self.ps)
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of redis-server's log."""
-        return tail(self.log_path, lines)
+        return tail(self.server.log_path if self.server is not None else None, lines)
 
 
 def tail(path: Path | None, lines: int) -> str:
     """The last *lines* lines of the log at *path* (empty when there is none)."""
-    if path is None or not path.exists():
-        return ""
-    return "\n".join(path.read_text("utf-8", "replace").splitlines()[-lines:])
+    return "\n".join(read_log(path).splitlines()[-lines:])
 
 
 def _child_env(extra: dict[str, str]) -> dict[str, str]:

@@ -1,33 +1,17 @@
 """Shared pytest fixtures: gunicorn and redis-server processes.
 
-Plain helpers (``free_port``, ``raw_sse``, the server classes) live in
-:mod:`helpers`; this module only wires them into fixtures and registers the
-markers.
+The support code (``free_port``, ``raw_sse``, the server classes) lives in the
+:mod:`support` package, which pytest's ``pythonpath`` setting makes importable;
+this module only wires it into fixtures and registers the markers.
 """
 
 from __future__ import annotations
 
-import functools
-import signal
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
-
-_TESTS_DIR = str(Path(__file__).resolve().parent)
-if _TESTS_DIR not in sys.path:  # needed under --import-mode=importlib
-    sys.path.insert(0, _TESTS_DIR)
-
-from helpers import (  # noqa: E402
-    GunicornFactory,
-    GunicornServer,
-    RedisFactory,
-    RedisServer,
-    require_redis_server,
-    start_gunicorn,
-)
+from support.gunicorn import GunicornFactory
+from support.redis_server import RedisFactory, RedisServer, require_redis_server
 
 _MARKERS = {
     "redis": "needs a redis-server (started by a fixture)",
@@ -46,50 +30,28 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {description}")
 
 
-def _stop_all(stoppers: Sequence[Callable[[], object]]) -> None:
-    """Call every stopper, even if some raise; re-raise the first error.
-
-    :param stoppers: Callables stopping one server each.
-    """
-    first: BaseException | None = None
-    for stop in stoppers:
-        try:
-            stop()
-        except Exception as exc:
-            first = first or exc
-    if first is not None:
-        raise first
-
-
 @pytest.fixture
 def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornFactory]:
     """Provide a factory starting ``gunicorn -k gevent`` servers.
 
     ``start(app, *, workers=1, env=None, args=(), config=None, timeout=20,
-    port=None)`` returns a running :class:`helpers.GunicornServer`; see
-    :func:`helpers.start_gunicorn`.  Every server started is stopped at
+    port=None)`` returns a running :class:`support.gunicorn.GunicornServer`; see
+    :class:`support.gunicorn.GunicornFactory`.  Every server started is stopped at
     teardown (SIGTERM, then SIGKILL of its own processes after 10 s).
 
     :param tmp_path_factory: For the log directory.
     :returns: The factory.
     """
-    servers: list[GunicornServer] = []
-    log_dir = tmp_path_factory.mktemp("gunicorn")
-
-    def start(app: str, **options: Any) -> GunicornServer:
-        server = start_gunicorn(app, log_dir=log_dir, **options)
-        servers.append(server)
-        return server
-
-    yield start
-    _stop_all([functools.partial(s.stop, signal.SIGTERM, timeout=10) for s in servers])
+    factory = GunicornFactory(tmp_path_factory.mktemp("gunicorn"))
+    yield factory
+    factory.stop_all()
 
 
 @pytest.fixture
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisFactory]:
     """Provide a factory starting throwaway ``redis-server`` processes.
 
-    ``start()`` returns a running :class:`helpers.RedisServer` on a free
+    ``start()`` returns a running :class:`support.redis_server.RedisServer` on a free
     127.0.0.1 port (no persistence).  Every server started is stopped at
     teardown.  Without ``redis-server`` on ``PATH`` the test is skipped, or
     failed when ``CI`` is set.
@@ -98,16 +60,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisFact
     :returns: The factory.
     """
     exe = require_redis_server()
-    servers: list[RedisServer] = []
-    work_dir = tmp_path_factory.mktemp("redis")
-
-    def start() -> RedisServer:
-        server = RedisServer(work_dir, executable=exe)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    _stop_all([server.stop for server in servers])
+    factory = RedisFactory(tmp_path_factory.mktemp("redis"), exe)
+    yield factory
+    factory.stop_all()
 
 
 @pytest.fixture(scope="session")

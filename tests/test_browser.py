@@ -25,14 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
-from e2e import CONF, answering
-from helpers import (
-    HOST,
-    REPO_ROOT,
-    GunicornFactory,
-    GunicornServer,
-    RedisFactory,
-)
+from support.app import CONF
+from support.gunicorn import GunicornFactory, GunicornServer, answering
+from support.procs import HOST, REPO_ROOT
+from support.redis_server import RedisFactory
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page

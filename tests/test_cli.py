@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e import publish, serve
 from flask import Flask
-from helpers import GunicornFactory
+from support.app import publish, serve
+from support.gunicorn import GunicornFactory
 
 from flask_sse_push import SSEBlueprint
 from flask_sse_push.cli import sse_cli

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from e2e import publish, stats
-from helpers import free_port, wait_for
 from httpx_sse import connect_sse
+from support.app import publish, stats
+from support.procs import free_port, wait_for
 
 TESTS = Path(__file__).parent
 

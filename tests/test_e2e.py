@@ -14,10 +14,13 @@ import psutil
 import pytest
 import requests
 import sseclient
-from e2e import ManyStreams, dechunk, publish, read_events, reconnecting_read, serve, stats
-from helpers import GunicornFactory, raw_sse, wait_for
 from httpx_sse import connect_sse
 from sseparse import parse_all
+from support.app import publish, serve, stats
+from support.clients import ManyStreams, read_events, reconnecting_read
+from support.gunicorn import GunicornFactory
+from support.http import dechunk, raw_sse
+from support.procs import wait_for
 
 import flask_sse_push
 

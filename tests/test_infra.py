@@ -14,20 +14,13 @@ import psutil
 import pytest
 import redis
 import redis.exceptions
-from helpers import (
-    HOST,
-    REDIS_MISSING_MESSAGE,
-    GunicornFactory,
-    RedisFactory,
-    StreamClosedError,
-    free_port,
-    raw_sse,
-    require_redis_server,
-    wait_for,
-)
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sseparse import ParsedEvent, SSEParser
+from support.gunicorn import GunicornFactory
+from support.http import ChunkedDecoder, StreamClosedError, dechunk, encode_chunk, raw_sse
+from support.procs import HOST, free_port, wait_for
+from support.redis_server import REDIS_MISSING_MESSAGE, RedisFactory, require_redis_server
 
 COUNT_BODY = b"data: 1\n\ndata: 2\n\ndata: 3\n\n"
 
@@ -169,6 +162,45 @@ def test_raw_sse_body_until_eof_without_length() -> None:
     with canned(pieces) as server, raw_sse(server.url, "/") as resp:
         assert resp.read_to_end(5) == b"data: a\n\ntail"
         assert resp.eof
+
+
+# -- the chunked-transfer decoder ---------------------------------------------------
+
+
+def test_chunked_decoder_one_byte_at_a_time() -> None:
+    wire = b"5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nTrailer: t\r\n\r\nafter the end"
+    decoder = ChunkedDecoder()
+    body = b"".join(decoder.feed(wire[i : i + 1]) for i in range(len(wire)))
+    assert body == b"hello!"
+    assert decoder.done
+    assert decoder.chunk_sizes == [5, 1, 0]
+    assert decoder.feed(b"3\r\nabc\r\n") == b""
+
+
+def test_chunked_decoder_without_sizes_and_unfinished() -> None:
+    decoder = ChunkedDecoder(record_sizes=False)
+    assert decoder.feed(encode_chunk(b"data: 1\n\n") + b"9\r\ndata") == b"data: 1\n\ndata"
+    assert decoder.chunk_sizes is None
+    assert not decoder.done
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert dechunk(head + b"A\r\n0123456789\r\n3\r\nab") == b"0123456789ab"
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (b"0x5\r\nhello\r\n", "bad chunk size line"),
+        (b" 5\r\nhello\r\n", "bad chunk size line"),
+        (b"\r\n", "bad chunk size line"),
+        (b"5\r\nhello!\r\n", "missing CRLF after chunk"),
+        (b"5\r\nhello\rX", "missing CRLF after chunk"),
+    ],
+)
+def test_chunked_decoder_refuses_bad_framing(wire: bytes, message: str) -> None:
+    decoder = ChunkedDecoder()
+    with pytest.raises(ValueError, match=message):
+        for i in range(len(wire)):
+            decoder.feed(wire[i : i + 1])
 
 
 # -- gunicorn fixture ---------------------------------------------------------------

@@ -14,10 +14,14 @@ from typing import Any
 
 import pytest
 import requests
-from e2e import Crowd, publish, serve
 from flask import Flask
-from helpers import GunicornFactory, RedisFactory, RedisServer, raw_sse, wait_for
 from sseparse import parse_all
+from support.app import publish, serve
+from support.clients import Crowd
+from support.gunicorn import GunicornFactory
+from support.http import raw_sse
+from support.procs import wait_for
+from support.redis_server import RedisFactory, RedisServer
 
 from flask_sse_push import (
     ConfigurationError,

@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 import requests
-from e2e import serve
 from flask import Flask, request
-from helpers import GunicornFactory, raw_sse, wait_for
 from sseparse import parse_all
+from support.app import serve
+from support.gunicorn import GunicornFactory
+from support.http import raw_sse
+from support.procs import wait_for
 
 from flask_sse_push import Event, sse_response
 from flask_sse_push.testing import EventReader, read_events

@@ -1,65 +1,29 @@
-"""Shared pieces of the end-to-end tests: serving the test app and talking to it."""
+"""Stream readers on raw sockets: one stream, many streams in one selector, and
+reconnecting clients that resume with ``Last-Event-ID`` as a browser does."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import resource
 import selectors
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-import requests
-from helpers import GunicornFactory, GunicornServer, StreamClosedError, raw_sse, wait_for
 from sseparse import ParsedEvent, SSEParser
 
-APP = "apps.streaming:app"
-CONF = "python:flask_sse_push.gunicorn_conf"
+from support.http import StreamClosedError, raw_sse
+from support.procs import HOST, raise_nofile_limit
 
-
-def serve(
-    gunicorn: GunicornFactory,
-    *,
-    workers: int = 1,
-    env: dict[str, str] | None = None,
-    **sse: Any,
-) -> GunicornServer:
-    """Serve the test app under ``gunicorn -k gevent`` with the package's gunicorn config;
-    keyword arguments are ``SSE_*`` settings. Returns once the app answers."""
-    full_env = {key: json.dumps(value) for key, value in sse.items()}
-    full_env.update(env or {})
-    return answering(gunicorn(APP, workers=workers, env=full_env, config=CONF), "/health")
-
-
-def answering(server: GunicornServer, path: str, timeout: float = 20) -> GunicornServer:
-    """Return *server* once its app answers ``GET path`` with 200 (gunicorn listens before
-    the worker has loaded the app)."""
-
-    def healthy() -> bool:
-        try:
-            return requests.get(server.url + path, timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    if not wait_for(healthy, timeout):
-        raise RuntimeError(f"the app did not answer {path}; log:\n{server.log_text()}")
-    return server
-
-
-def publish(url: str, data: Any, **kwargs: Any) -> str:
-    """Publish through the test app's ``/publish`` route; return the event id."""
-    response = requests.post(url + "/publish", json={"data": data, **kwargs}, timeout=10)
-    assert response.status_code == 200, response.text
-    event_id: str = response.json()["id"]
-    return event_id
-
-
-def stats(url: str) -> dict[str, Any]:
-    """The answering worker's stream counts."""
-    result: dict[str, Any] = requests.get(url + "/stream/stats", timeout=5).json()
-    return result
+__all__ = [
+    "Client",
+    "Collector",
+    "Crowd",
+    "ManyStreams",
+    "pump_selector",
+    "read_events",
+    "reconnecting_read",
+]
 
 
 def read_events(url: str, path: str, count: int, timeout: float = 10, **headers: str) -> Any:
@@ -119,13 +83,6 @@ def reconnecting_read(
     return events
 
 
-def raise_fd_limit(needed: int) -> None:
-    """Raise this process's open-file soft limit to at least *needed* (up to the hard one)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
-
-
 def pump_selector(
     selector: selectors.BaseSelector,
     done: Callable[[], bool],
@@ -165,13 +122,13 @@ class ManyStreams:
     """
 
     def __init__(self, port: int, path: str, count: int) -> None:
-        raise_fd_limit(count + 256)
+        raise_nofile_limit(count + 256)
         self.selector = selectors.DefaultSelector()
         self.received: dict[socket.socket, bytearray] = {}
         self.closed: set[socket.socket] = set()
-        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+        request = f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nAccept: text/event-stream\r\n\r\n"
         for _ in range(count):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock = socket.create_connection((HOST, port), timeout=10)
             sock.sendall(request.encode())
             sock.setblocking(False)
             self.received[sock] = bytearray()
@@ -202,20 +159,6 @@ class ManyStreams:
         self.selector.close()
 
 
-def dechunk(raw: bytes) -> bytes:
-    """The body of a raw HTTP/1.1 response with chunked transfer encoding."""
-    rest = raw.split(b"\r\n\r\n", 1)[1]
-    body = bytearray()
-    for _ in range(len(rest) + 1):
-        size_line, _, rest = rest.partition(b"\r\n")
-        if not size_line:
-            break
-        size = int(size_line, 16)
-        body += rest[:size]
-        rest = rest[size + 2 :]
-    return bytes(body)
-
-
 class Client:
     """One reconnecting raw client: HTTP/1.0, so the body comes unchunked until the server
     closes it; on close it reconnects with the last event id it saw, like a browser."""
@@ -233,9 +176,9 @@ class Client:
 
     def connect(self) -> socket.socket:
         """Open a connection, sending ``Last-Event-ID`` when an event was seen."""
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sock = socket.create_connection((HOST, self.port), timeout=10)
         extra = f"Last-Event-ID: {self.last_id}\r\n" if self.last_id else ""
-        request = f"GET {self.path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{extra}\r\n"
+        request = f"GET {self.path} HTTP/1.0\r\nHost: {HOST}\r\n{extra}\r\n"
         sock.sendall(request.encode())
         sock.setblocking(False)
         self.sock = sock
@@ -264,7 +207,7 @@ class Crowd:
     """Many reconnecting :class:`Client` objects driven by one selector."""
 
     def __init__(self, port: int, paths: list[str]) -> None:
-        raise_fd_limit(len(paths) + 256)
+        raise_nofile_limit(len(paths) + 256)
         self.selector = selectors.DefaultSelector()
         self.clients = [Client(port, path) for path in paths]
         for client in self.clients:

@@ -1,0 +1,13 @@
+"""Support code for the tests and the benchmarks, one module per concern.
+
+- :mod:`support.procs`: ports, bounded waits, file limits, stopping processes by pid.
+- :mod:`support.http`: the raw HTTP/1.1 client and THE chunked-transfer decoder.
+- :mod:`support.gunicorn`: starting and stopping ``gunicorn -k gevent``.
+- :mod:`support.redis_server`: throwaway ``redis-server`` processes.
+- :mod:`support.clients`: stream readers built on raw sockets (one, many, reconnecting).
+- :mod:`support.app`: serving the test app (``apps.streaming``) and calling its routes.
+
+The tests find this package through pytest's ``pythonpath`` setting; the benchmarks through
+``benchmarks/benchutil.py``. Nothing is imported here, so a benchmark process that needs one
+module loads only that module's dependencies.
+"""

@@ -1,0 +1,237 @@
+"""Throwaway ``redis-server`` processes on 127.0.0.1 (the tests' fixtures, the benchmark)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from signal import SIGTERM
+
+import redis
+import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from support.procs import HOST, free_port, read_log, stop_each, wait_for
+
+__all__ = [
+    "REDIS_MISSING_MESSAGE",
+    "RedisFactory",
+    "RedisServer",
+    "redis_server_executable",
+    "require_redis_server",
+]
+
+REDIS_MISSING_MESSAGE = (
+    "redis-server is not on PATH; install the Debian package redis-server "
+    "(apt-get install redis-server) to run the Redis tests"
+)
+
+
+def redis_server_executable() -> str | None:
+    """Locate ``redis-server`` on ``PATH``.
+
+    :returns: Its path, or ``None``.
+    """
+    return shutil.which("redis-server")
+
+
+def require_redis_server() -> str:
+    """Return the ``redis-server`` path, or skip / fail the current test.
+
+    Without ``redis-server`` on ``PATH`` the test fails when the ``CI``
+    environment variable is set and is skipped otherwise; either way the
+    message says to install the Debian package ``redis-server``.
+
+    :returns: The executable's path.
+    """
+    exe = redis_server_executable()
+    if exe is None:
+        import pytest  # here: the benchmarks use this module without pytest
+
+        if "CI" in os.environ:
+            pytest.fail(REDIS_MISSING_MESSAGE, pytrace=False)
+        pytest.skip(REDIS_MISSING_MESSAGE)
+    return exe
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on 127.0.0.1 with persistence disabled.
+
+    :ivar port: Its port (kept across :meth:`stop` / :meth:`start`).
+    :ivar url: ``redis://127.0.0.1:<port>/0``.
+    :ivar proc: The current process, or ``None`` when stopped.
+    """
+
+    def __init__(
+        self, work_dir: Path, port: int | None = None, executable: str | None = None
+    ) -> None:
+        """Prepare (but do not start) a server.
+
+        :param work_dir: Existing directory used as cwd and for the log.
+        :param port: Port to use; a free one by default.
+        :param executable: Path of ``redis-server``; looked up on ``PATH``
+            by default.
+        :raises FileNotFoundError: If ``redis-server`` cannot be found.
+        """
+        exe = executable or redis_server_executable()
+        if exe is None:
+            raise FileNotFoundError(REDIS_MISSING_MESSAGE)
+        self.executable = exe
+        self.work_dir = work_dir
+        self.port = port if port is not None else free_port()
+        self.url = f"redis://{HOST}:{self.port}/0"
+        self.log_path = work_dir / f"redis-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._clients: list[redis.Redis] = []
+
+    def log_text(self) -> str:
+        """Return everything the server logged (all runs).
+
+        :returns: The log file's contents.
+        """
+        return read_log(self.log_path)
+
+    def _ping(self) -> bool:
+        """Tell whether the server answers ``PING``.
+
+        :returns: ``True`` if it answered.
+        """
+        client = redis.Redis(
+            host=HOST,
+            port=self.port,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),  # redis-py retries with backoff by default
+        )
+        try:
+            return bool(client.ping())
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            return False
+        except redis.exceptions.BusyLoadingError:
+            return False
+        finally:
+            client.close()
+
+    def start(self, timeout: float = 10) -> RedisServer:
+        """Start the server (again) on :attr:`port` and wait for ``PING``.
+
+        :param timeout: Maximum seconds to wait.
+        :returns: ``self``.
+        :raises RuntimeError: If it is already running, exits, or does not
+            answer in time (the message contains its log).
+        """
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"redis-server on port {self.port} is already running")
+        cmd = [
+            self.executable,
+            "--port",
+            str(self.port),
+            "--bind",
+            HOST,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ]
+        with open(self.log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.work_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.proc = proc
+        ok = wait_for(lambda: proc.poll() is not None or self._ping(), timeout)
+        if proc.poll() is not None or not ok:
+            self.stop()
+            raise RuntimeError(
+                f"redis-server on port {self.port} did not start; log:\n{self.log_text()}"
+            )
+        return self
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop the server with SIGTERM and wait (SIGKILL after *timeout*).
+
+        Clients made by :meth:`client` are disconnected first.  No-op if it
+        is not running.
+
+        :param timeout: Seconds to wait before SIGKILL.
+        """
+        self.close_clients()
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                proc.send_signal(SIGTERM)
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+            except ProcessLookupError:
+                proc.wait(timeout=10)
+        self.proc = None
+
+    def running(self) -> bool:
+        """Tell whether the server process is running.
+
+        :returns: ``True`` if started and not exited.
+        """
+        return self.proc is not None and self.proc.poll() is None
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        """Return a new client for database 0 (closed at :meth:`stop`).
+
+        :param kwargs: Extra arguments for :meth:`redis.Redis.from_url`.
+        :returns: The client.
+        """
+        client = redis.Redis.from_url(self.url, **kwargs)
+        self._clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        """Close every client handed out by :meth:`client`."""
+        clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+
+
+class RedisFactory:
+    """Starts throwaway servers in one directory, and stops them at the end.
+
+    The ``redis_server`` fixture hands one to a test, which calls it to start a server.
+
+    :ivar servers: Every server started, in order.
+    """
+
+    def __init__(self, work_dir: Path, executable: str) -> None:
+        """Start nothing yet.
+
+        :param work_dir: Existing directory for the servers' cwd and logs.
+        :param executable: Path of ``redis-server``.
+        """
+        self.work_dir = work_dir
+        self.executable = executable
+        self.servers: list[RedisServer] = []
+
+    def __call__(self) -> RedisServer:
+        """Start a new redis-server on a free port.
+
+        :returns: The running server.
+        """
+        server = RedisServer(self.work_dir, executable=self.executable)
+        self.servers.append(server)
+        return server.start()
+
+    def stop_all(self) -> None:
+        """Stop every server started.
+
+        :raises Exception: The first error of a stop, after trying every one.
+        """
+        stop_each(server.stop for server in self.servers)
