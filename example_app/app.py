@@ -8,6 +8,7 @@ variables override the config (``SSE_BUS_URL=redis://127.0.0.1:6379/0`` for the 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from typing import Any
@@ -27,11 +28,20 @@ from flask_sse_push import Event, SSEBlueprint, end_streams, send_event
 from flask_sse_push.config import from_environ
 
 CHANNELS = ("news", "alerts", "metrics")
+#: Login names: what a channel name may hold (see ``private_channel``), at most 32 long.
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+#: The user who may read the stats (open streams per channel, private ones included).
+ADMIN = os.environ.get("EXAMPLE_ADMIN", "admin")
 
 
 def private_channel(user: str) -> str:
     """The channel only *user* may read."""
     return f"user:{user}"
+
+
+def valid_name(name: object) -> bool:
+    """Whether *name* may log in; its private channel is then a valid channel name."""
+    return isinstance(name, str) and NAME.fullmatch(name) is not None
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -60,6 +70,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def current_user() -> str | None:
         return session.get("user")
 
+    @sse.authorize_stats
+    def is_admin() -> bool:
+        # The stats name the open private channels, so who is logged in: not for everyone.
+        return session.get("user") == ADMIN
+
     @sse.on_connect
     def hello(channels: frozenset[str]) -> list[Event]:
         # The current state goes to the new connection only, before live events.
@@ -74,8 +89,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     @app.post("/login")
     def login() -> Response:
         name = request.form.get("name", "").strip()
-        if not name.isalnum() or len(name) > 32:
-            return Response("choose a name of 1-32 letters and digits\n", 400)
+        if not valid_name(name):
+            return Response(
+                "choose a name of 1-32 ASCII letters, digits and '_.-'\n",
+                400,
+                mimetype="text/plain",
+            )
         session["user"] = name
         return redirect(url_for("index"), 303)
 
@@ -109,8 +128,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         channel = body.get("channel", "news")
         user = body.get("user")
         if user is not None:
-            if not isinstance(user, str) or not user.isalnum():
-                return jsonify(error="user must be a name of letters and digits"), 400
+            if not valid_name(user):
+                return jsonify(error="user must be a login name (ASCII letters, digits, _.-)"), 400
             channel = private_channel(user)
         elif channel not in CHANNELS:
             return jsonify(error=f"unknown channel {channel!r}; use one of {list(CHANNELS)}"), 400

@@ -20,6 +20,7 @@ from .stream import BusStream, client_socket, event_stream_response
 
 AuthorizeHook = Callable[[str], bool]
 IdentifyHook = Callable[[], object]
+StatsHook = Callable[[], bool]
 ConnectHook = Callable[[frozenset[str]], "Iterable[Event | Any] | None"]
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,6 +54,7 @@ class SSEBlueprint(Blueprint):
         self._authorize: AuthorizeHook | None = None
         self._identify: IdentifyHook | None = None
         self._on_connect: list[ConnectHook] = []
+        self._authorize_stats: StatsHook | None = None
         self.add_url_rule("", "stream", self.stream_view, methods=["GET"])
         self.add_url_rule("/stats", "stats", self.stats_view, methods=["GET"])
         self.record(self._setup)
@@ -86,6 +88,13 @@ class SSEBlueprint(Blueprint):
         attached to the stream so :func:`~flask_sse_push.end_streams` can end a user's
         streams."""
         self._identify = func
+        return func
+
+    def authorize_stats(self, func: F) -> F:
+        """Register ``func() -> bool``, called inside each ``GET <prefix>/stats`` request; a
+        false answer refuses it with 403. The stats name every open channel, private ones
+        included, so guard them unless every channel is public."""
+        self._authorize_stats = func
         return func
 
     def on_connect(self, func: F) -> F:
@@ -184,6 +193,8 @@ class SSEBlueprint(Blueprint):
         state = get_state()
         if not state.settings.stats:
             return _plain(404, "stats are off; set SSE_STATS = True to serve them")
+        if self._authorize_stats is not None and not self._authorize_stats():
+            return _plain(403, "not allowed to read the stats")
         return jsonify(state.stats())
 
     def _initial(self, sub: Subscription, dumps: Callable[[Any], str]) -> bytes:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 from flask import Flask
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from example_app.app import create_app
+from example_app.app import NAME, create_app
 from flask_sse_push import get_state
 from flask_sse_push.testing import EventReader
 
@@ -62,3 +64,37 @@ def test_private_channel_needs_the_right_login(app: Flask) -> None:
         reader.events(timeout=2)
         assert reader.ended
     assert get_state(app).bus.stream_count() == 0
+
+
+def test_stats_are_for_the_admin_only(app: Flask) -> None:
+    """The stats name the open private channels, so who is logged in."""
+    visitor = app.test_client()
+    assert visitor.get("/stream/stats").status_code == 403
+    assert visitor.post("/login", data={"name": "ann"}).status_code == 303
+    assert visitor.get("/stream/stats").status_code == 403
+    admin = app.test_client()
+    assert admin.post("/login", data={"name": "admin"}).status_code == 303
+    answer = admin.get("/stream/stats")
+    assert answer.status_code == 200
+    assert answer.get_json()["streams"] == 0
+
+
+@pytest.mark.parametrize("name", ["jürgen", "ann bob", "x" * 33, "", "a:b", "٣"])
+def test_names_whose_channel_would_be_refused_cannot_log_in(app: Flask, name: str) -> None:
+    client = app.test_client()
+    answer = client.post("/login", data={"name": name})
+    assert answer.status_code == 400
+    assert "ASCII letters" in answer.get_data(as_text=True)
+    assert client.post("/api/events", json={"user": name, "data": 1}).status_code == 400
+
+
+@given(st.from_regex(NAME, fullmatch=True))
+@settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_every_accepted_name_gets_a_readable_private_channel(app: Flask, name: str) -> None:
+    client = app.test_client()
+    assert client.post("/login", data={"name": name}).status_code == 303
+    response = client.get(f"/stream?channel=user:{name}", buffered=False)
+    try:
+        assert response.status_code == 200
+    finally:
+        response.close()
