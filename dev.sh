@@ -42,7 +42,7 @@ venv() {
 
 case "${1:-}" in
     example)
-        venv redis
+        venv "redis,example"
         echo "dev.sh: open http://127.0.0.1:8000/ (Ctrl-C stops)"
         exec "$VENV/bin/gunicorn" -c python:flask_sse_push.gunicorn_conf \
             --bind "${BIND:-127.0.0.1:8000}" example_app.app:app
