@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,9 +86,10 @@ def _missing(message: str) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    """Debian's Chromium, headless, launched by Playwright with a throwaway profile."""
+@contextmanager
+def chromium() -> Iterator[Browser]:
+    """Debian's Chromium, headless, launched by Playwright with a throwaway profile; skips
+    the test (fails it under ``CI``) when either is missing."""
     executable = shutil.which(CHROMIUM)
     if executable is None:
         _missing(
@@ -104,15 +106,22 @@ def browser() -> Iterator[Browser]:
     assert executable is not None
     playwright = sync_playwright().start()
     try:
-        chromium = playwright.chromium.launch(
+        launched = playwright.chromium.launch(
             executable_path=executable, headless=True, args=CHROMIUM_ARGS, timeout=WAIT_MS
         )
         try:
-            yield chromium
+            yield launched
         finally:
-            chromium.close()
+            launched.close()
     finally:
         playwright.stop()
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium (see :func:`chromium`)."""
+    with chromium() as launched:
+        yield launched
 
 
 def serve_example(
