@@ -3,11 +3,17 @@
 A bus carries published events to the subscriptions of this process through its
 :class:`~flask_sse_push.bus.fanout.Fanout`. A backend is a subclass of :class:`Bus` that
 names its URL schemes in :attr:`Bus.schemes`; declaring the class registers it.
+
+Under gevent, the methods of the contract called from another OS thread than the one of
+the greenlets (gevent's thread pool, a native executor) run in a greenlet of that thread
+while the caller waits (see :func:`~flask_sse_push.concurrency.at_home`): a backend's locks,
+connections and greenlets are only ever used where they belong.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import weakref
 from abc import ABC, abstractmethod
@@ -24,6 +30,18 @@ if TYPE_CHECKING:
     from .fanout import Fanout
 
 BusFactory = Callable[[str, Settings, str], "Bus"]
+
+#: The methods of the contract that run at home whatever thread calls them.
+_HOMED = (
+    "publish",
+    "subscribe",
+    "unsubscribe",
+    "end_streams",
+    "stream_count",
+    "channel_counts",
+    "cluster_stats",
+    "close",
+)
 
 
 class Message(NamedTuple):
@@ -107,6 +125,7 @@ class Bus(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _run_at_home(cls)
         for scheme in cls.__dict__.get("schemes", ()):
             register_bus(scheme, cls.create)
 
@@ -213,6 +232,17 @@ class Bus(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the backend's resources (connections, greenlets)."""
+
+
+def _run_at_home(cls: type) -> None:
+    """Make the contract's methods that *cls* defines run at home (see the module's doc)."""
+    for name in _HOMED:
+        method = cls.__dict__.get(name)
+        if inspect.isfunction(method) and not getattr(method, "__isabstractmethod__", False):
+            setattr(cls, name, concurrency.homed(method))
+
+
+_run_at_home(Bus)
 
 
 def weak_callback(method: Callable[[Subscription], None]) -> Callable[[Subscription], None]:

@@ -7,6 +7,7 @@ long time, publishing from real OS threads, and responses that are thrown away.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import time
@@ -79,34 +80,36 @@ def resolve() -> Response:
     return jsonify(seconds=time.monotonic() - started)
 
 
-def _real_threads() -> dict[str, Callable[[Callable[[], None]], None]]:
-    """Ways to run a job in another OS thread than the hub's, as apps do under gevent."""
+_EXECUTORS: dict[str, Any] = {}
+
+
+def _in_thread(mode: str, job: Callable[[], None]) -> None:
+    """Run *job* the way *mode* names, as apps do under gevent: ``pool`` (a thread of gevent's
+    hub pool), ``executor`` (gevent's ``concurrent.futures`` executor, native threads even
+    when monkey-patched), ``native`` (a bare native thread) or ``greenlet-executor`` (the
+    standard executor, whose threads are greenlets once gevent has patched ``threading``).
+    """
     from gevent import get_hub
     from gevent.monkey import get_original
     from gevent.threadpool import ThreadPoolExecutor as NativeExecutor
 
-    start_thread = get_original("_thread", "start_new_thread")
-
-    def native(job: Callable[[], None]) -> None:
-        start_thread(job, ())
-
-    def executor(job: Callable[[], None]) -> None:
-        # gevent's concurrent.futures executor: native threads even when monkey-patched.
-        NativeExecutor(max_workers=1).submit(job)
-
-    return {
-        "pool": lambda job: get_hub().threadpool.spawn(job),
-        "native": native,
-        "executor": executor,
-        # After monkey-patching an app's ThreadPoolExecutor runs greenlets: that works too.
-        "greenlet-executor": lambda job: ThreadPoolExecutor(max_workers=1).submit(job),
-    }
+    if mode == "pool":
+        get_hub().threadpool.spawn(job)
+    elif mode == "native":
+        get_original("_thread", "start_new_thread")(job, ())
+    else:
+        kind = NativeExecutor if mode == "executor" else ThreadPoolExecutor
+        executor = _EXECUTORS.get(mode)
+        if executor is None:
+            executor = _EXECUTORS[mode] = kind(max_workers=2)
+        executor.submit(job)
 
 
 @app.post("/thread-publish")
 def thread_publish() -> tuple[Response, int]:
-    """Publish ``n`` events to ``channel`` from a job in another thread (``mode``), ``gap``
-    seconds apart; each carries the ``time.monotonic()`` of its publishing."""
+    """Publish ``n`` events to ``channel`` from a job in another thread (``mode``, see
+    :func:`_in_thread`; ``native-each`` publishes each event from a new native thread),
+    ``gap`` seconds apart; each carries the ``time.monotonic()`` of its publishing."""
     from gevent.monkey import get_original
 
     sleep = get_original("time", "sleep")
@@ -114,15 +117,37 @@ def thread_publish() -> tuple[Response, int]:
     gap = float(request.args.get("gap", "0.01"))
     channel = request.args.get("channel", "threads")
     flask_app = app
+    mode = request.args.get("mode", "pool")
+
+    def publish(i: int) -> None:
+        with flask_app.app_context():
+            send_event({"i": i, "sent": time.monotonic()}, channel=channel)
 
     def job() -> None:
-        with flask_app.app_context():
-            for i in range(n):
-                sleep(gap)
-                send_event({"i": i, "sent": time.monotonic()}, channel=channel)
+        for i in range(n):
+            sleep(gap)
+            publish(i)
 
-    _real_threads()[request.args.get("mode", "pool")](job)
+    def one_thread_each() -> None:
+        for i in range(n):
+            sleep(gap)
+            _in_thread("native", functools.partial(publish, i))
+
+    if mode == "native-each":
+        _in_thread("native", one_thread_each)
+    else:
+        _in_thread(mode, job)
     return jsonify(started=n), 202
+
+
+@app.post("/publish-many")
+def publish_many() -> tuple[Response, int]:
+    """Publish ``n`` small events to ``channel`` from this greenlet, as fast as possible."""
+    n = int(request.args.get("n", "100"))
+    channel = request.args.get("channel", "busy")
+    for i in range(n):
+        send_event(str(i), channel=channel)
+    return jsonify(published=n), 200
 
 
 @app.after_request
