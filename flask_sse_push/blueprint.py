@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.sansio.app import App
 from flask.sansio.blueprints import BlueprintSetupState
 
@@ -22,6 +22,9 @@ AuthorizeHook = Callable[[str], bool]
 IdentifyHook = Callable[[], object]
 ConnectHook = Callable[[frozenset[str]], "Iterable[Event | Any] | None"]
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Where a stream view keeps its stream until the request is over (in ``flask.g``).
+_STREAM = "flask_sse_push.stream"
 
 
 def _plain(status: int, message: str) -> Response:
@@ -55,6 +58,7 @@ class SSEBlueprint(Blueprint):
         self._on_connect: list[ConnectHook] = []
         self.add_url_rule("", "stream", self.stream_view, methods=["GET"])
         self.add_url_rule("/stats", "stats", self.stats_view, methods=["GET"])
+        self.teardown_request(_close_unsent)
         self.record(self._setup)
 
     def register(self, app: App, options: dict[str, Any]) -> None:
@@ -177,6 +181,7 @@ class SSEBlueprint(Blueprint):
             on_close=closed,
             sock=client_socket(request.environ, settings.send_timeout),
         )
+        setattr(g, _STREAM, stream)
         return event_stream_response(stream)
 
     def stats_view(self) -> Response:
@@ -208,6 +213,14 @@ def _render(resume: Resume, last_event_id: str | None, dumps: Callable[[Any], st
         reason, head_id = resume.reset
         return reset_event(reason, last_event_id, head_id, dumps)
     return b"".join(resume.replay)
+
+
+def _close_unsent(error: BaseException | None) -> None:
+    """Close the request's stream when the request failed after the view made it (an
+    ``after_request`` handler raised): its response was replaced and is never read."""
+    stream = g.pop(_STREAM, None)
+    if error is not None and stream is not None:
+        stream.close()
 
 
 def _come_back_later(retry: int | None, why: str) -> Response:

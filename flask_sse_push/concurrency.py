@@ -123,6 +123,18 @@ def at_home(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     return results[0]
 
 
+def soon(func: Callable[[], object]) -> None:
+    """Call *func* soon, from any thread: under gevent in a new greenlet at home (the caller
+    does not wait), else at once."""
+    place = home()
+    if place is None:
+        func()
+        return
+    from gevent import spawn_raw
+
+    place.hub.loop.run_callback_threadsafe(spawn_raw, func)
+
+
 def homed(method: Callable[P, T]) -> Callable[P, T]:
     """Decorate *method* so that it always runs at home (see :func:`at_home`)."""
 

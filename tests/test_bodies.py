@@ -1,0 +1,145 @@
+"""Stream bodies however they end: thrown away unread, closed from another thread while
+they end by themselves, or read slowly; and the connection limit under concurrent
+requests."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask, Response, request
+from helpers import GunicornFactory, GunicornServer, raw_sse
+from test_async_streams import serve_background
+
+from flask_sse_push import EndReason, SSEBlueprint, get_state, signals, sse_response
+from flask_sse_push.bus import Bus, Subscription
+from flask_sse_push.stream import BusStream
+
+
+def open_stream_body(server: GunicornServer, path: str = "/stream?channel=x") -> bytes:
+    """The first bytes of a new stream."""
+    with raw_sse(server.url, path, timeout=10) as response:
+        assert response.status == 200
+        return response.read_body_until(lambda body: b"\n" in body, 10)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("query", "status"), [("fail=1", 500), ("drop=1", 200)], ids=["after_request", "middleware"]
+)
+def test_a_thrown_away_stream_gives_its_slot_back(
+    gunicorn: GunicornFactory, query: str, status: int
+) -> None:
+    """An ``after_request`` handler that raises, or a middleware that drops the body without
+    closing it: the stream's place on the bus comes back at once."""
+    server = serve_background(gunicorn, SSE_MAX_CONNECTIONS=3)
+    for _ in range(5):
+        answer = requests.get(f"{server.url}/stream?channel=x&{query}", timeout=10)
+        assert answer.status_code == status
+    stats = requests.get(server.url + "/stream/stats", timeout=10).json()
+    assert stats["streams"] == 0
+    assert stats["totals"]["opened"] == stats["totals"]["closed"] == 5
+    assert b"too many" not in open_stream_body(server)
+
+
+@pytest.fixture
+def app() -> Flask:
+    app = Flask(__name__)
+    app.config.update(SSE_MAX_CONNECTIONS=3, SSE_KEEPALIVE=0)
+    app.register_blueprint(SSEBlueprint(), url_prefix="/stream")
+
+    @app.after_request
+    def fail_after(response: Response) -> Response:
+        if request.args.get("fail"):
+            raise RuntimeError("after_request failed on purpose")
+        return response
+
+    return app
+
+
+def test_bodies_thrown_away_without_a_server(app: Flask) -> None:
+    closed: list[object] = []
+    signals.stream_closed.connect(lambda sender, **kw: closed.append(kw["reason"]), app, weak=False)
+    wsgi = app.wsgi_app
+
+    def dropping(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        wsgi(environ, start_response)  # the body is dropped unclosed
+        return [b"dropped"]
+
+    client = app.test_client()
+    for _ in range(5):
+        assert client.get("/stream?channel=x&fail=1").status_code == 500
+    app.wsgi_app = dropping  # type: ignore[method-assign]
+    for _ in range(5):
+        assert client.get("/stream?channel=x").data == b"dropped"
+    state = get_state(app)
+    assert state.bus.stream_count() == 0
+    assert state.totals["opened"] == state.totals["closed"] == len(closed) == 10
+
+
+def race_to_the_end(bus: Bus, on_close: Callable[[], None]) -> None:
+    """Let a body's iteration end while four threads close it."""
+    sub = Subscription(["x"], 10)
+    bus.subscribe(sub, None)
+    body = BusStream(sub, bus, b":\n", keepalive=0, on_close=on_close)
+    events = iter(body)
+    assert next(events) == b":\n"
+    start = threading.Barrier(5)
+
+    def read_to_end() -> None:
+        start.wait()
+        sub.finish(EndReason.DONE)
+        list(events)
+
+    def close() -> None:
+        start.wait()
+        body.close()
+
+    threads = [threading.Thread(target=read_to_end)]
+    threads += [threading.Thread(target=close) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+
+
+def test_a_body_ends_exactly_once_whatever_the_race(app: Flask) -> None:
+    """close() from several threads while the body's own iteration ends: it is released and
+    its on_close runs exactly once."""
+    bus = get_state(app).bus
+    calls: list[int] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for n in range(300):
+            race_to_the_end(bus, functools.partial(calls.append, n))
+    finally:
+        sys.setswitchinterval(interval)
+    assert sorted(calls) == list(range(300))
+    assert bus.stream_count() == 0
+
+
+def test_a_per_request_stream_never_read_holds_nothing(app: Flask) -> None:
+    """HEAD, or a response thrown away: the generator never starts, and once the response is
+    dropped nothing keeps it (no keep-alive registration, no producer)."""
+    started: list[str] = []
+
+    def numbers() -> Iterator[str]:
+        started.append("started")
+        yield "1"
+
+    with app.test_request_context("/"):
+        source = numbers()
+        kept = weakref.ref(source)
+        response = sse_response(source, keepalive=0.05)
+    del source, response
+    time.sleep(0.2)
+    assert kept() is None
+    assert started == []
