@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from typing import Any
@@ -132,6 +133,22 @@ class _Producer:
                     await aclose()
 
 
+def _check_keepalive(value: object) -> float:
+    """Validate a keep-alive period: a number of seconds ``>= 0`` (``bool`` is refused).
+
+    :raises TypeError: when it is not an ``int`` or ``float``.
+    :raises ValueError: when it is negative, infinite or NaN.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            "keepalive must be a number of seconds >= 0 (0 for none), got "
+            f"{type(value).__name__}: {value!r}"
+        )
+    if not 0 <= value < math.inf:
+        raise ValueError(f"keepalive must be a number of seconds >= 0 (0 for none), got {value}")
+    return float(value)
+
+
 def sse_response(
     source: Iterable[Any] | AsyncIterable[Any],
     *,
@@ -151,8 +168,12 @@ def sse_response(
     method, POST included (read it with a ``fetch``-based client).
 
     :param source: a generator, async generator or other (async) iterable.
-    :param keepalive: seconds between keep-alives; default ``SSE_KEEPALIVE`` (15).
-    :param retry: reconnection delay to announce; default ``SSE_RETRY``.
+    :param keepalive: seconds between keep-alives, ``0`` for none; default
+        ``SSE_KEEPALIVE`` (15).
+    :param retry: reconnection delay to announce, in milliseconds; default ``SSE_RETRY``.
+    :raises TypeError: for a *keepalive* or *retry* of the wrong type (see
+        :func:`~flask_sse_push.send_event`).
+    :raises ValueError: for a negative *keepalive* or *retry*.
     :param status: the response status.
     :param headers: extra response headers.
     """
@@ -170,7 +191,7 @@ def sse_response(
                 SSE_SEND_TIMEOUT: state.settings.send_timeout,
             }
         )
-    wait = config[SSE_KEEPALIVE] if keepalive is None else keepalive
+    wait = config[SSE_KEEPALIVE] if keepalive is None else _check_keepalive(keepalive)
     announce = config[SSE_RETRY] if retry is None else retry
     dumps = app.json.dumps
 
