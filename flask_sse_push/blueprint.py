@@ -136,7 +136,8 @@ class SSEBlueprint(Blueprint):
                 if not self._authorize(channel):
                     return _plain(403, f"not allowed to read channel {channel!r}")
         if request.method == "HEAD":
-            return event_stream_response(b"")
+            # An empty iterable, not b"": no Content-Length, as for GET.
+            return event_stream_response(iter(()))
         state.check_process()
         bus = state.bus
         if lifecycle.stopping():

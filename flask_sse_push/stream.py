@@ -20,7 +20,7 @@ import itertools
 import socket
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from flask import Response
@@ -56,10 +56,11 @@ def client_socket(environ: Mapping[str, Any], send_timeout: float) -> socket.soc
 
 
 def event_stream_response(
-    body: StreamBody | bytes, status: int = 200, headers: Mapping[str, str] | None = None
+    body: Iterable[bytes] | bytes, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
     """A ``text/event-stream`` response of *body*, with the headers every stream needs
-    (no caching, no proxy buffering) and then *headers*."""
+    (no caching, no proxy buffering) and then *headers*. A ``bytes`` body is complete and
+    gets a ``Content-Length``; an iterable one, like every stream, does not."""
     response = Response(body, status, content_type=CONTENT_TYPE, direct_passthrough=True)
     response.headers.update(HEADERS)
     for name, value in (headers or {}).items():

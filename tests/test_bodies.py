@@ -5,6 +5,7 @@ requests."""
 from __future__ import annotations
 
 import functools
+import socket
 import sys
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask, Response, request
-from helpers import GunicornFactory, GunicornServer, raw_sse
+from helpers import HOST, GunicornFactory, GunicornServer, raw_sse
 from test_async_streams import serve_background
 
 from flask_sse_push import EndReason, SSEBlueprint, get_state, signals, sse_response
@@ -143,3 +144,34 @@ def test_a_per_request_stream_never_read_holds_nothing(app: Flask) -> None:
     time.sleep(0.2)
     assert kept() is None
     assert started == []
+
+
+def response_head(sock: socket.socket, method: str, path: str) -> list[tuple[str, str]]:
+    """Send a request on *sock* and return the status line and headers of its answer."""
+    sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    received = b""
+    deadline = time.monotonic() + 10
+    while b"\r\n\r\n" not in received and time.monotonic() < deadline:
+        received += sock.recv(65536)
+    status, *lines = received.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    return [("status", status)] + [
+        (name.lower(), value.strip()) for name, _, value in (line.partition(":") for line in lines)
+    ]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("path", ["/stream?channel=a", "/ticks?n=1&pause=0"])
+def test_head_answers_the_headers_of_get(gunicorn: GunicornFactory, path: str) -> None:
+    """Same status and headers as GET, minus the framing header the server adds to GET's
+    body (Transfer-Encoding); no Content-Length on either. The connection stays usable."""
+    server = serve_background(gunicorn)
+    with socket.create_connection((HOST, server.port), timeout=10) as sock:
+        got = dict(response_head(sock, "GET", path))
+    with socket.create_connection((HOST, server.port), timeout=10) as sock:
+        head = dict(response_head(sock, "HEAD", path))
+        assert dict(response_head(sock, "GET", "/health"))["status"] == "HTTP/1.1 200 OK"
+    assert got.pop("transfer-encoding") == "chunked"
+    for headers in (got, head):
+        headers.pop("date")
+        assert "content-length" not in headers
+    assert head == got
