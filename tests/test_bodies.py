@@ -21,6 +21,7 @@ from test_async_streams import serve_background
 
 from flask_sse_push import EndReason, SSEBlueprint, get_state, signals, sse_response
 from flask_sse_push.bus import Bus, Subscription
+from flask_sse_push.mailbox import TAKE_BYTES, Mailbox
 from flask_sse_push.stream import BusStream
 
 
@@ -175,3 +176,66 @@ def test_head_answers_the_headers_of_get(gunicorn: GunicornFactory, path: str) -
         headers.pop("date")
         assert "content-length" not in headers
     assert head == got
+
+
+def test_take_races_end_from_other_threads() -> None:
+    """end() and finish() from other threads while the reader takes and a producer pushes:
+    take() never fails, and returns None once ended."""
+    failures: list[BaseException] = []
+    for round_ in range(200):
+        box = Mailbox(1000)
+        start = threading.Barrier(3)
+
+        def read(box: Mailbox = box, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                for _ in range(10_000):
+                    if box.take(0.01) is None:
+                        return
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+
+        def push(box: Mailbox = box, start: threading.Barrier = start) -> None:
+            start.wait()
+            for n in range(200):
+                box.push(b"x" * (n % 7 + 1))
+
+        def end(box: Mailbox = box, start: threading.Barrier = start, n: int = round_) -> None:
+            start.wait()
+            time.sleep((n % 10) / 10_000)
+            if n % 2:
+                box.end(EndReason.CLOSED)
+            else:
+                box.finish(EndReason.DONE)
+
+        threads = [threading.Thread(target=f) for f in (read, push, end)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert box.take(0) is None
+    assert failures == []
+
+
+def test_a_backlog_is_taken_in_pieces() -> None:
+    """A slow stream's backlog is not joined into one object as large as the queue."""
+    big = Mailbox(600)
+    for _ in range(512):
+        big.push(b"x" * 100_000)
+    sizes = [len(big.take(0) or b"") for _ in range(512)]
+    assert sizes == [100_000] * 512
+    small = Mailbox(600)
+    for _ in range(512):
+        small.push(b"y" * 1000)
+    first = small.take(0) or b""
+    assert TAKE_BYTES <= len(first) < TAKE_BYTES + 1000
+    app = Flask(__name__)
+    app.register_blueprint(SSEBlueprint())
+    bus = get_state(app).bus
+    sub = Subscription(["x"], 600)
+    bus.subscribe(sub, None)
+    for _ in range(512):
+        sub.push(b"data: " + b"z" * 100_000 + b"\n\n")
+    sub.finish(EndReason.DONE)
+    chunks = list(BusStream(sub, bus, b":\n", keepalive=0))
+    assert max(len(chunk) for chunk in chunks) < 100_100
