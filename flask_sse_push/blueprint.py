@@ -142,13 +142,16 @@ class SSEBlueprint(Blueprint):
         bus = state.bus
         if lifecycle.stopping():
             return _come_back_later(settings.retry, "server shutting down")
-        if bus.stream_count() >= settings.max_streams:
+        if not bus.hold_place(settings.max_streams):
             return _come_back_later(settings.retry, "too many streams")
 
         last_event_id = request.headers.get("Last-Event-ID") or request.args.get("lastEventId")
-        user = self._identify() if self._identify is not None else None
-        sub = Subscription(channels, settings.queue_size, user)
-        resume = bus.subscribe(sub, last_event_id)
+        try:
+            user = self._identify() if self._identify is not None else None
+            sub = Subscription(channels, settings.queue_size, user)
+            resume = bus.subscribe(sub, last_event_id)
+        finally:
+            bus.let_go()  # subscribed, the stream is counted by itself
         dumps = app.json.dumps
         head = stream_head(settings.retry)
         catch_up: Callable[[], bytes] | None = None

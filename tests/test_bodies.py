@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask, Response, request
-from helpers import HOST, GunicornFactory, GunicornServer, raw_sse
+from helpers import HOST, GunicornFactory, GunicornServer, RawResponse, raw_sse
 from test_async_streams import serve_background
+from werkzeug.test import TestResponse
 
 from flask_sse_push import EndReason, SSEBlueprint, get_state, signals, sse_response
 from flask_sse_push.bus import Bus, Subscription
@@ -239,3 +240,61 @@ def test_a_backlog_is_taken_in_pieces() -> None:
     sub.finish(EndReason.DONE)
     chunks = list(BusStream(sub, bus, b":\n", keepalive=0))
     assert max(len(chunk) for chunk in chunks) < 100_100
+
+
+def concurrent_first_chunks(count: int, first_chunk: Callable[[], bytes]) -> list[bytes]:
+    """Call *first_chunk* from *count* threads at once."""
+    chunks: list[bytes] = []
+    start = threading.Barrier(count)
+
+    def ask() -> None:
+        start.wait()
+        chunks.append(first_chunk())
+
+    threads = [threading.Thread(target=ask) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return chunks
+
+
+def test_the_limit_holds_while_hooks_wait(app: Flask) -> None:
+    """Requests whose identify hook waits, all at once: no more streams than the limit."""
+    blueprint = app.blueprints["sse"]
+    assert isinstance(blueprint, SSEBlueprint)
+    blueprint.identify(lambda: time.sleep(0.2))
+    client = app.test_client()
+    responses: list[TestResponse] = []
+
+    def first_chunk() -> bytes:
+        response = client.get("/stream?channel=x", buffered=False)
+        responses.append(response)
+        return next(iter(response.response))
+
+    try:
+        chunks = concurrent_first_chunks(10, first_chunk)
+        assert get_state(app).bus.stream_count() == 3
+    finally:
+        for response in responses:
+            response.close()
+    assert sum(b"too many" in chunk for chunk in chunks) == 7
+
+
+@pytest.mark.e2e
+def test_the_limit_holds_while_hooks_wait_under_gevent(gunicorn: GunicornFactory) -> None:
+    server = serve_background(gunicorn, SSE_MAX_CONNECTIONS=3)
+    streams: list[RawResponse] = []
+
+    def first_chunk() -> bytes:
+        stream = raw_sse(server.url, "/stream?channel=x&identify_sleep=0.3", timeout=10)
+        streams.append(stream)
+        return stream.read_body_until(lambda body: b"\n" in body, 10)
+
+    try:
+        chunks = concurrent_first_chunks(10, first_chunk)
+        assert requests.get(server.url + "/stream/stats", timeout=10).json()["streams"] == 3
+    finally:
+        for stream in streams:
+            stream.close()
+    assert sum(b"too many" in chunk for chunk in chunks) == 7

@@ -38,6 +38,8 @@ _HOMED = (
     "unsubscribe",
     "end_streams",
     "stream_count",
+    "hold_place",
+    "let_go",
     "channel_counts",
     "cluster_stats",
     "close",
@@ -218,6 +220,22 @@ class Bus(ABC):
     def stream_count(self) -> int:
         """Open streams in this process."""
         return len(self.fanout)
+
+    def hold_place(self, limit: int) -> bool:
+        """Hold a place for a stream about to subscribe, unless this process's open streams
+        and held places reach *limit*; return whether one is held. Checking the limit and
+        holding the place are one step, so requests that wait between the check and
+        :meth:`subscribe` (in a hook) cannot exceed it. Give it back with :meth:`let_go`
+        once subscribed (or failed)."""
+        fanout = self.fanout
+        with fanout.lock:
+            return fanout.hold(limit)
+
+    def let_go(self) -> None:
+        """Give back a place held by :meth:`hold_place`."""
+        fanout = self.fanout
+        with fanout.lock:
+            fanout.let_go()
 
     def channel_counts(self) -> dict[str, int]:
         """Open streams per channel in this process."""

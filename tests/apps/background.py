@@ -18,12 +18,21 @@ from typing import Any
 from flask import Flask, jsonify, request
 from werkzeug.wrappers import Response
 
-from flask_sse_push import send_event, sse, sse_response
+from flask_sse_push import SSEBlueprint, send_event, sse_response
 from flask_sse_push.config import from_environ
 
 app = Flask(__name__)
 app.config.update({"SSE_STATS": True, **from_environ()})
+sse = SSEBlueprint()
 app.register_blueprint(sse, url_prefix="/stream")
+
+
+@sse.identify
+def identify() -> str:
+    """Who asks; takes ``identify_sleep`` seconds (a hook that waits for a database)."""
+    time.sleep(float(request.args.get("identify_sleep", "0")))
+    return request.args.get("user", "anon")
+
 
 #: When each async generator's ``finally`` ran (``time.monotonic()``, system-wide on Linux).
 FINALLY: dict[str, float] = {}
