@@ -54,35 +54,34 @@ def new_event() -> Waitable:
 class Home:
     """The main thread of a process under gevent, and its hub."""
 
-    __slots__ = ("hub", "thread")
+    __slots__ = ("_ident", "hub", "thread")
 
     def __init__(self, thread: int, hub: Any) -> None:
+        from gevent.monkey import get_original
+
         self.thread = thread
         self.hub = hub
+        # threading.get_ident names the greenlet once gevent has patched it.
+        self._ident: Callable[[], int] = get_original("_thread", "get_ident")
+
+    def here(self) -> bool:
+        """Whether the calling code runs in this thread."""
+        return self._ident() == self.thread
 
 
 _homes: dict[int, Home] = {}
-
-
-def _thread_ident() -> int:
-    """The OS thread's identity (``threading.get_ident`` names the greenlet under gevent)."""
-    from gevent.monkey import get_original
-
-    ident: int = get_original("_thread", "get_ident")()
-    return ident
 
 
 def home() -> Home | None:
     """This process's home under gevent, learnt in the main thread at the first call there
     (the extension's set-up and every primitive made call it); ``None`` without gevent, or
     while nothing called it in the main thread (other threads then act by themselves)."""
-    if not gevent_active():
-        return None
     place = _homes.get(os.getpid())
-    if place is None:
+    if place is None and gevent_active():
         from gevent.hub import MAIN_THREAD_IDENT, get_hub
+        from gevent.monkey import get_original
 
-        if _thread_ident() == MAIN_THREAD_IDENT:
+        if get_original("_thread", "get_ident")() == MAIN_THREAD_IDENT:
             place = _homes[os.getpid()] = Home(MAIN_THREAD_IDENT, get_hub())
     return place
 
@@ -90,7 +89,7 @@ def home() -> Home | None:
 def away() -> bool:
     """Whether this code runs in another OS thread than the home of gevent's greenlets."""
     place = home()
-    return place is not None and _thread_ident() != place.thread
+    return place is not None and not place.here()
 
 
 def at_home(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -98,7 +97,7 @@ def at_home(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     thread than the home under gevent, it runs in a new greenlet at home while this thread
     waits; anywhere else it is called directly."""
     place = home()
-    if place is None or _thread_ident() == place.thread:
+    if place is None or place.here():
         return func(*args, **kwargs)
     from gevent import spawn_raw
     from gevent.monkey import get_original
