@@ -65,6 +65,8 @@ nitpick_ignore = [
     ("py:class", "collections.abc.Iterator"),
     ("py:class", "collections.abc.Mapping"),
     ("py:class", "collections.abc.Generator"),
+    ("py:class", "collections.abc.Coroutine"),
+    ("py:class", "asyncio.events.AbstractEventLoop"),
     ("py:class", "enum.StrEnum"),
     ("py:class", "socket.socket"),
     # redis-py, an optional extra

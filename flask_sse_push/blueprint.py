@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.sansio.app import App
 from flask.sansio.blueprints import BlueprintSetupState
 
@@ -23,6 +23,9 @@ IdentifyHook = Callable[[], object]
 StatsHook = Callable[[], bool]
 ConnectHook = Callable[[frozenset[str]], "Iterable[Event | Any] | None"]
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Where a stream view keeps its stream until the request is over (in ``flask.g``).
+_STREAM = "flask_sse_push.stream"
 
 
 def _plain(status: int, message: str) -> Response:
@@ -57,6 +60,7 @@ class SSEBlueprint(Blueprint):
         self._authorize_stats: StatsHook | None = None
         self.add_url_rule("", "stream", self.stream_view, methods=["GET"])
         self.add_url_rule("/stats", "stats", self.stats_view, methods=["GET"])
+        self.teardown_request(_close_unsent)
         self.record(self._setup)
 
     def register(self, app: App, options: dict[str, Any]) -> None:
@@ -141,18 +145,22 @@ class SSEBlueprint(Blueprint):
                 if not self._authorize(channel):
                     return _plain(403, f"not allowed to read channel {channel!r}")
         if request.method == "HEAD":
-            return event_stream_response(b"")
+            # An empty iterable, not b"": no Content-Length, as for GET.
+            return event_stream_response(iter(()))
         state.check_process()
         bus = state.bus
         if lifecycle.stopping():
             return _come_back_later(settings.retry, "server shutting down")
-        if bus.stream_count() >= settings.max_streams:
+        if not bus.hold_place(settings.max_streams):
             return _come_back_later(settings.retry, "too many streams")
 
         last_event_id = request.headers.get("Last-Event-ID") or request.args.get("lastEventId")
-        user = self._identify() if self._identify is not None else None
-        sub = Subscription(channels, settings.queue_size, user)
-        resume = bus.subscribe(sub, last_event_id)
+        try:
+            user = self._identify() if self._identify is not None else None
+            sub = Subscription(channels, settings.queue_size, user)
+            resume = bus.subscribe(sub, last_event_id)
+        finally:
+            bus.let_go()  # subscribed, the stream is counted by itself
         dumps = app.json.dumps
         head = stream_head(settings.retry)
         catch_up: Callable[[], bytes] | None = None
@@ -186,6 +194,7 @@ class SSEBlueprint(Blueprint):
             on_close=closed,
             sock=client_socket(request.environ, settings.send_timeout),
         )
+        setattr(g, _STREAM, stream)
         return event_stream_response(stream)
 
     def stats_view(self) -> Response:
@@ -219,6 +228,14 @@ def _render(resume: Resume, last_event_id: str | None, dumps: Callable[[Any], st
         reason, head_id = resume.reset
         return reset_event(reason, last_event_id, head_id, dumps)
     return b"".join(resume.replay)
+
+
+def _close_unsent(error: BaseException | None) -> None:
+    """Close the request's stream when the request failed after the view made it (an
+    ``after_request`` handler raised): its response was replaced and is never read."""
+    stream = g.pop(_STREAM, None)
+    if error is not None and stream is not None:
+        stream.close()
 
 
 def _come_back_later(retry: int | None, why: str) -> Response:

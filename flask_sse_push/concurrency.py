@@ -4,15 +4,27 @@ Under gevent (``monkey.patch_all()`` done, as gunicorn's gevent worker does at s
 primitives are gevent's own; otherwise they are the standard ``threading`` ones, for Flask's
 threaded development server. They are always made at first use, inside the process and
 after any monkeypatching, never at import time.
+
+Under gevent the server's greenlets all run in the main thread, around its hub: that thread
+is the process's *home*. gevent's objects (locks, greenlets, the hub) are not for other OS
+threads (gevent's thread pool, a native executor, a C library's thread), so what such a
+thread asks of a bus runs at home instead (:func:`at_home`), and waking a stream from
+there goes through the hub's thread-safe callback (:class:`Park`).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 import threading
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from greenlet import getcurrent
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class Waitable(Protocol):
@@ -34,8 +46,102 @@ def gevent_active() -> bool:
 def new_event() -> Waitable:
     """Return a fresh, unset event of the right kind for this process."""
     if gevent_active():
+        home()
         return Park()
     return threading.Event()
+
+
+class Home:
+    """The main thread of a process under gevent, and its hub."""
+
+    __slots__ = ("_ident", "hub", "thread")
+
+    def __init__(self, thread: int, hub: Any) -> None:
+        from gevent.monkey import get_original
+
+        self.thread = thread
+        self.hub = hub
+        # threading.get_ident names the greenlet once gevent has patched it.
+        self._ident: Callable[[], int] = get_original("_thread", "get_ident")
+
+    def here(self) -> bool:
+        """Whether the calling code runs in this thread."""
+        return self._ident() == self.thread
+
+
+_homes: dict[int, Home] = {}
+
+
+def home() -> Home | None:
+    """This process's home under gevent, learnt in the main thread at the first call there
+    (the extension's set-up and every primitive made call it); ``None`` without gevent, or
+    while nothing called it in the main thread (other threads then act by themselves)."""
+    place = _homes.get(os.getpid())
+    if place is None and gevent_active():
+        from gevent.hub import MAIN_THREAD_IDENT, get_hub
+        from gevent.monkey import get_original
+
+        if get_original("_thread", "get_ident")() == MAIN_THREAD_IDENT:
+            place = _homes[os.getpid()] = Home(MAIN_THREAD_IDENT, get_hub())
+    return place
+
+
+def away() -> bool:
+    """Whether this code runs in another OS thread than the home of gevent's greenlets."""
+    place = home()
+    return place is not None and not place.here()
+
+
+def at_home(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Call *func* and return its result, or raise its exception. Called from another OS
+    thread than the home under gevent, it runs in a new greenlet at home while this thread
+    waits; anywhere else it is called directly."""
+    place = home()
+    if place is None or place.here():
+        return func(*args, **kwargs)
+    from gevent import spawn_raw
+    from gevent.monkey import get_original
+
+    done = get_original("_thread", "allocate_lock")()
+    done.acquire()
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(func(*args, **kwargs))
+        except BaseException as exc:  # raised in the calling thread
+            errors.append(exc)
+        finally:
+            done.release()
+
+    place.hub.loop.run_callback_threadsafe(spawn_raw, run)
+    done.acquire()
+    if errors:
+        raise errors[0]
+    return results[0]
+
+
+def soon(func: Callable[[], object]) -> None:
+    """Call *func* soon, from any thread: under gevent in a new greenlet at home (the caller
+    does not wait), else at once."""
+    place = home()
+    if place is None:
+        func()
+        return
+    from gevent import spawn_raw
+
+    place.hub.loop.run_callback_threadsafe(spawn_raw, func)
+
+
+def homed(method: Callable[P, T]) -> Callable[P, T]:
+    """Decorate *method* so that it always runs at home (see :func:`at_home`)."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        return at_home(method, *args, **kwargs)
+
+    return call
 
 
 class Park:
@@ -113,10 +219,12 @@ class Park:
 
 
 def new_lock() -> Any:
-    """Return a fresh lock of the right kind for this process (a context manager)."""
+    """Return a fresh lock of the right kind for this process (a context manager). Under
+    gevent it is for greenlets of the home thread only."""
     if gevent_active():
         from gevent.lock import RLock
 
+        home()
         return RLock()
     return threading.RLock()
 
@@ -126,6 +234,7 @@ def spawn(target: Any, *args: Any, name: str) -> Any:
     if gevent_active():
         import gevent
 
+        home()
         return gevent.spawn(target, *args)
     thread = threading.Thread(target=target, args=args, name=name, daemon=True)
     thread.start()
@@ -134,8 +243,9 @@ def spawn(target: Any, *args: Any, name: str) -> Any:
 
 def cooperate() -> None:
     """Under gevent, let every greenlet that is ready run before this one goes on (with
-    threads the scheduler does that by itself)."""
-    if gevent_active():
+    threads the scheduler does that by itself). In another OS thread it does nothing: a
+    ``gevent.sleep`` there would make that thread a hub of its own, and leak it."""
+    if gevent_active() and not away():
         import gevent
 
         gevent.sleep(0)

@@ -124,18 +124,23 @@ def data_text(data: object, dumps: Callable[[Any], str]) -> str:
     """Return the text of *data*: a ``str`` as is, anything else through *dumps* (JSON).
 
     :raises TypeError: when *dumps* cannot serialize *data*.
-    :raises ValueError: when a ``str`` holds a lone surrogate (it has no UTF-8 form).
+    :raises ValueError: when the text holds a lone surrogate (it has no UTF-8 form); JSON
+        text can, when the provider leaves non-ASCII characters unescaped
+        (``ensure_ascii = False``).
     """
     if isinstance(data, str):
-        _check_utf8("data", data)
-        return data
-    try:
-        return dumps(data)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"data of type {type(data).__name__} cannot be serialized to JSON ({exc}); "
-            "pass a str, or register a JSON provider that handles it"
-        ) from exc
+        text = data
+    else:
+        try:
+            text = dumps(data)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"data of type {type(data).__name__} cannot be serialized to JSON ({exc}); "
+                "pass a str, or register a JSON provider that handles it"
+            ) from exc
+    if not text.isascii():  # known without a scan: only other text needs the check
+        _check_utf8("data", text)
+    return text
 
 
 def encode_body(text: str, event: str | None = None, retry: int | None = None) -> bytes:

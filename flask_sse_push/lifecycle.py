@@ -11,6 +11,7 @@ import os
 import weakref
 from typing import Protocol
 
+from . import concurrency
 from .bus import Bus
 from .reasons import EndReason
 
@@ -47,6 +48,7 @@ def track(bus: Bus) -> None:
     _buses.add(bus)
 
 
+@concurrency.homed
 def end_all_streams(reason: EndReason = EndReason.SHUTDOWN) -> int:
     """End every open stream of every app in this process, so that a server that is shutting
     down or reloading can exit at once; clients reconnect by themselves. Returns how many

@@ -14,22 +14,26 @@ a model's tokens::
 
         return sse_response(tokens())
 
-Plain and ``async`` generators both work. They run in a greenlet (gevent) or a thread of
-their own, so keep-alives go out while the generator thinks, and they are stopped when the
-client goes away.
+Plain and ``async`` generators both work. A plain one runs in a greenlet (gevent) or a
+thread of its own, an async one as a task on the process's shared event loop; so
+keep-alives go out while the generator thinks, and it is stopped when the client goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from typing import Any
 
-from flask import Response, copy_current_request_context, current_app, has_request_context, request
+from flask import Response, current_app, has_request_context, request
+from flask.ctx import RequestContext
+from flask.globals import request_ctx
 
-from . import concurrency
+from . import aio, concurrency
 from .config import DEFAULTS, SSE_KEEPALIVE, SSE_RETRY, SSE_SEND_TIMEOUT
 from .encoding import Event, check_retry, encode_event, stream_head
 from .mailbox import Mailbox
@@ -47,7 +51,9 @@ _ROOM_POLL = 0.01
 
 class _Producer:
     """Runs the source in the background and puts its encoded events into *box*, waiting
-    for room when the client reads slowly."""
+    for room when the client reads slowly: a plain iterable in a greenlet (gevent) or a
+    thread, an async one as a task on the process's shared event loop (:mod:`.aio`). Either
+    runs inside a copy of the request context, when there is one."""
 
     def __init__(
         self,
@@ -60,33 +66,35 @@ class _Producer:
         self.encode = encode
         self.stopped = False
         self._worker: Any = None
-        self._run: Callable[[], None] = self.run
+        self._job: aio.Job | None = None
+        self._context: RequestContext | None = None
         if has_request_context():
-            self._run = copy_current_request_context(self._run)
+            self._context = request_ctx.copy()
 
     def start(self) -> None:
-        """Run the source: in a greenlet or thread, or (async under gevent) in a real
-        thread of gevent's pool, since asyncio allows one running loop per thread."""
-        if isinstance(self.source, AsyncIterable) and concurrency.gevent_active():
-            from gevent.hub import get_hub
-
-            get_hub().threadpool.spawn(self._run)
+        """Start running the source."""
+        if isinstance(self.source, AsyncIterable):
+            self._job = aio.Job(self._run_async(self.source))
         else:
-            self._worker = concurrency.spawn(self._run, name="sse-response")
+            self._worker = concurrency.spawn(self._run_sync, self.source, name="sse-response")
 
     def stop(self) -> None:
+        """Stop the source where it waits: ``CancelledError`` in an async generator,
+        ``GreenletExit`` under gevent; a thread stops at its next event."""
         self.stopped = True
+        if self._job is not None:
+            self._job.cancel()
         worker = self._worker
         if worker is not None and hasattr(worker, "kill"):
             self._worker = None
-            worker.kill(block=False)  # a greenlet: GreenletExit at its wait
+            worker.kill(block=False)
 
-    def run(self) -> None:
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """Run the body inside the request context and end the mailbox after it."""
         try:
-            if isinstance(self.source, AsyncIterable):
-                asyncio.run(self._run_async(self.source))
-            else:
-                self._run_sync(self.source)
+            with self._context or contextlib.nullcontext():
+                yield
         except BaseException as exc:  # reported to the client as the stream's end
             if not self.stopped:
                 log.error("flask-sse-push: the stream's generator failed", exc_info=exc)
@@ -95,32 +103,50 @@ class _Producer:
             self.box.finish(EndReason.DONE)
 
     def _run_sync(self, source: Iterable[Any]) -> None:
-        iterator = iter(source)
-        try:
-            for item in iterator:
-                data = self.encode(item)
-                while not self.box.offer(data):
-                    if self.stopped or self.box.reason is not None:
-                        return
-                    time.sleep(_ROOM_POLL)
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+        with self._running():
+            iterator = iter(source)
+            try:
+                for item in iterator:
+                    data = self.encode(item)
+                    while not self.box.offer(data):
+                        if self.stopped or self.box.reason is not None:
+                            return
+                        time.sleep(_ROOM_POLL)
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
 
     async def _run_async(self, source: AsyncIterable[Any]) -> None:
-        iterator = source.__aiter__()
-        try:
-            async for item in iterator:
-                data = self.encode(item)
-                while not self.box.offer(data):
-                    if self.stopped or self.box.reason is not None:
-                        return
-                    await asyncio.sleep(_ROOM_POLL)
-        finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+        with self._running():
+            iterator = source.__aiter__()
+            try:
+                async for item in iterator:
+                    data = self.encode(item)
+                    while not self.box.offer(data):
+                        if self.stopped or self.box.reason is not None:
+                            return
+                        await asyncio.sleep(_ROOM_POLL)
+            finally:
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+
+def _check_keepalive(value: object) -> float:
+    """Validate a keep-alive period: a number of seconds ``>= 0`` (``bool`` is refused).
+
+    :raises TypeError: when it is not an ``int`` or ``float``.
+    :raises ValueError: when it is negative, infinite or NaN.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            "keepalive must be a number of seconds >= 0 (0 for none), got "
+            f"{type(value).__name__}: {value!r}"
+        )
+    if not 0 <= value < math.inf:
+        raise ValueError(f"keepalive must be a number of seconds >= 0 (0 for none), got {value}")
+    return float(value)
 
 
 def sse_response(
@@ -142,8 +168,12 @@ def sse_response(
     method, POST included (read it with a ``fetch``-based client).
 
     :param source: a generator, async generator or other (async) iterable.
-    :param keepalive: seconds between keep-alives; default ``SSE_KEEPALIVE`` (15).
-    :param retry: reconnection delay to announce; default ``SSE_RETRY``.
+    :param keepalive: seconds between keep-alives, ``0`` for none; default
+        ``SSE_KEEPALIVE`` (15).
+    :param retry: reconnection delay to announce, in milliseconds; default ``SSE_RETRY``.
+    :raises TypeError: for a *keepalive* or *retry* of the wrong type (see
+        :func:`~flask_sse_push.send_event`).
+    :raises ValueError: for a negative *keepalive* or *retry*.
     :param status: the response status.
     :param headers: extra response headers.
     """
@@ -161,7 +191,7 @@ def sse_response(
                 SSE_SEND_TIMEOUT: state.settings.send_timeout,
             }
         )
-    wait = config[SSE_KEEPALIVE] if keepalive is None else keepalive
+    wait = config[SSE_KEEPALIVE] if keepalive is None else _check_keepalive(keepalive)
     announce = config[SSE_RETRY] if retry is None else retry
     dumps = app.json.dumps
 

@@ -10,7 +10,7 @@ from typing import Any, Literal, overload
 
 from flask import Blueprint, Flask, current_app, has_app_context
 
-from . import lifecycle, signals
+from . import concurrency, lifecycle, signals
 from .bus import Bus, Subscription, create_bus
 from .bus.base import weak_callback
 from .config import DEFAULTS, SSE_BUS_URL, Settings
@@ -47,6 +47,7 @@ class SSEState:
         self._app = weakref.ref(app)
         self.bus.on_slow = weak_callback(self._dropped)
         lifecycle.track(self.bus)
+        concurrency.home()  # learnt here when the app is made in the worker's main thread
 
     def _dropped(self, sub: Subscription) -> None:
         self.totals["dropped"] += 1

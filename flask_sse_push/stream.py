@@ -15,15 +15,17 @@ in the quiet times, until the mailbox ends or the client leaves. It has two kind
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import socket
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from flask import Response
 
-from . import lifecycle, mailbox
+from . import concurrency, lifecycle, mailbox
 from .bus.base import Bus, Subscription
 from .encoding import KEEPALIVE, end_comment
 from .errors import BusError
@@ -54,10 +56,11 @@ def client_socket(environ: Mapping[str, Any], send_timeout: float) -> socket.soc
 
 
 def event_stream_response(
-    body: StreamBody | bytes, status: int = 200, headers: Mapping[str, str] | None = None
+    body: Iterable[bytes] | bytes, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
     """A ``text/event-stream`` response of *body*, with the headers every stream needs
-    (no caching, no proxy buffering) and then *headers*."""
+    (no caching, no proxy buffering) and then *headers*. A ``bytes`` body is complete and
+    gets a ``Content-Length``; an iterable one, like every stream, does not."""
     response = Response(body, status, content_type=CONTENT_TYPE, direct_passthrough=True)
     response.headers.update(HEADERS)
     for name, value in (headers or {}).items():
@@ -67,8 +70,13 @@ def event_stream_response(
 
 class StreamBody:
     """What every stream body does: write *head*, then the mailbox's events with
-    keep-alives, until the mailbox ends; end at shutdown; release its resources once,
-    however it ends (even when never iterated).
+    keep-alives, until the mailbox ends; end at shutdown; release its resources exactly
+    once, however it ends.
+
+    A body is released when its iteration ends, when it is closed (WSGI servers do it when
+    done, from any thread), or when it is thrown away unclosed (an ``after_request`` handler
+    that raised, a middleware that dropped it): nothing the body holds refers back to it,
+    so it is collected as soon as the last reference goes, and a finalizer releases it.
 
     :param box: the mailbox to write from.
     :param head: bytes written at once (retry hint, replay and initial state when known).
@@ -87,15 +95,24 @@ class StreamBody:
         on_close: Callable[[], None] | None = None,
     ) -> None:
         self.box = box
+        self._head = head
         self._keepalive = keepalive
         self._sock = sock
-        self._on_close = on_close
-        self._finished = False
-        self._events = self._run(head)
+        # The running iteration holds the body; the body holds it only weakly.
+        self._iteration: weakref.ref[Generator[bytes, None, None]] | None = None
+        self._end = weakref.finalize(self, _release_later, self._releases(), on_close)
+        self._end.atexit = False
         lifecycle.track_response(self)
 
     def __iter__(self) -> Iterator[bytes]:
-        return self._events
+        events = self._iteration() if self._iteration is not None else None
+        if events is not None:
+            return events
+        if not self._end.alive:  # closed before it was read
+            return iter(())
+        events = self._run(self._head)
+        self._iteration = weakref.ref(events)
+        return events
 
     def stop(self) -> None:
         """End the stream at shutdown (see :func:`~flask_sse_push.lifecycle.end_all_streams`)."""
@@ -104,7 +121,7 @@ class StreamBody:
     def abort(self) -> None:
         """Cut the connection of a stream that did not end after :meth:`stop`, because its
         client stopped reading and a write is stuck: the write fails at once."""
-        if not self._finished and self._sock is not None:
+        if self._end.alive and self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
 
@@ -115,21 +132,21 @@ class StreamBody:
         iteration wakes up and ends.
         """
         self.box.end(EndReason.CLOSED)
-        # "generator already executing" in another thread: woken by end(), it ends by itself.
-        with contextlib.suppress(ValueError):
-            self._events.close()
+        # The iteration is left alone: closing it here could run into another thread's
+        # next() ("generator already executing"). Woken by end(), it ends by itself, and an
+        # iteration nobody reads any more is closed when it is collected.
         self._finish()
 
     def _finish(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self._release()
-        if self._on_close is not None:
-            self._on_close()
+        # detach() is atomic: exactly one caller gets the arguments, whatever the race.
+        found = self._end.detach()
+        if found is not None:
+            _release(*found[2])
 
-    def _release(self) -> None:
-        """Give back what the stream holds (its place on the bus, its producer)."""
+    def _releases(self) -> list[Callable[[], None]]:
+        """What gives back the stream's resources (its place on the bus, its producer):
+        callables that do not refer to the body."""
+        return []
 
     def _opening(self) -> Generator[bytes, None, bool]:
         """Runs after the head, before the mailbox is read; returns ``False`` when the stream
@@ -191,8 +208,8 @@ class BusStream(StreamBody):
         self._deadline = time.monotonic() + max_lifetime if max_lifetime else None
         super().__init__(sub, head, **kwargs)
 
-    def _release(self) -> None:
-        self._bus.unsubscribe(self.box)
+    def _releases(self) -> list[Callable[[], None]]:
+        return [functools.partial(self._bus.unsubscribe, self.box)]
 
     def _timeout(self) -> float | None:
         if self._deadline is None:
@@ -241,7 +258,8 @@ class Producer(Protocol):
 
 class GeneratorStream(StreamBody):
     """A per-request stream: *producer* starts when the body is first iterated and fills
-    the mailbox; it is stopped however the stream ends.
+    the mailbox (a body never iterated holds nothing); it is stopped however the stream
+    ends.
 
     :param producer: the producer.
     :param kwargs: see :class:`StreamBody`.
@@ -250,17 +268,30 @@ class GeneratorStream(StreamBody):
     def __init__(self, box: Mailbox, head: bytes, producer: Producer, **kwargs: Any) -> None:
         self._producer = producer
         super().__init__(box, head, **kwargs)
-        mailbox.keep_alive(box, self._keepalive)
 
     def stop(self) -> None:
         super().stop()
         self._producer.stop()
 
     def _opening(self) -> Generator[bytes, None, bool]:
+        mailbox.keep_alive(self.box, self._keepalive)
         self._producer.start()
         return True
         yield b""  # pragma: no cover - makes this a generator
 
-    def _release(self) -> None:
-        mailbox.forget(self.box, self._keepalive)
-        self._producer.stop()
+    def _releases(self) -> list[Callable[[], None]]:
+        return [functools.partial(mailbox.forget, self.box, self._keepalive), self._producer.stop]
+
+
+def _release(releases: list[Callable[[], None]], on_close: Callable[[], None] | None) -> None:
+    for release in releases:
+        release()
+    if on_close is not None:
+        on_close()
+
+
+def _release_later(releases: list[Callable[[], None]], on_close: Callable[[], None] | None) -> None:
+    """Release a body that was collected without being closed. The collector may run
+    anywhere, in the hub or in another thread too, so this happens in a greenlet of its own
+    (under gevent)."""
+    concurrency.soon(functools.partial(_release, releases, on_close))

@@ -3,11 +3,17 @@
 A bus carries published events to the subscriptions of this process through its
 :class:`~flask_sse_push.bus.fanout.Fanout`. A backend is a subclass of :class:`Bus` that
 names its URL schemes in :attr:`Bus.schemes`; declaring the class registers it.
+
+Under gevent, the methods of the contract called from another OS thread than the one of
+the greenlets (gevent's thread pool, a native executor) run in a greenlet of that thread
+while the caller waits (see :func:`~flask_sse_push.concurrency.at_home`): a backend's locks,
+connections and greenlets are only ever used where they belong.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import weakref
 from abc import ABC, abstractmethod
@@ -22,6 +28,20 @@ from ..reasons import EndReason, ResetReason
 from .fanout import Fanout
 
 BusFactory = Callable[[str, Settings, str], "Bus"]
+
+#: The methods of the contract that run at home whatever thread calls them.
+_HOMED = (
+    "publish",
+    "subscribe",
+    "unsubscribe",
+    "end_streams",
+    "stream_count",
+    "hold_place",
+    "let_go",
+    "channel_counts",
+    "cluster_stats",
+    "close",
+)
 
 
 class Message(NamedTuple):
@@ -105,6 +125,7 @@ class Bus(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _run_at_home(cls)
         for scheme in cls.__dict__.get("schemes", ()):
             register_bus(scheme, cls.create)
 
@@ -196,6 +217,22 @@ class Bus(ABC):
         """Open streams in this process."""
         return len(self.fanout)
 
+    def hold_place(self, limit: int) -> bool:
+        """Hold a place for a stream about to subscribe, unless this process's open streams
+        and held places reach *limit*; return whether one is held. Checking the limit and
+        holding the place are one step, so requests that wait between the check and
+        :meth:`subscribe` (in a hook) cannot exceed it. Give it back with :meth:`let_go`
+        once subscribed (or failed)."""
+        fanout = self.fanout
+        with fanout.lock:
+            return fanout.hold(limit)
+
+    def let_go(self) -> None:
+        """Give back a place held by :meth:`hold_place`."""
+        fanout = self.fanout
+        with fanout.lock:
+            fanout.let_go()
+
     def channel_counts(self) -> dict[str, int]:
         """Open streams per channel in this process."""
         fanout = self.fanout
@@ -209,6 +246,17 @@ class Bus(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the backend's resources (connections, greenlets)."""
+
+
+def _run_at_home(cls: type) -> None:
+    """Make the contract's methods that *cls* defines run at home (see the module's doc)."""
+    for name in _HOMED:
+        method = cls.__dict__.get(name)
+        if inspect.isfunction(method) and not getattr(method, "__isabstractmethod__", False):
+            setattr(cls, name, concurrency.homed(method))
+
+
+_run_at_home(Bus)
 
 
 def weak_callback(method: Callable[[Subscription], None]) -> Callable[[Subscription], None]:

@@ -37,12 +37,26 @@ class Fanout:
         self._by_channel: dict[str, set[Subscription]] = {}
         self._all: set[Subscription] = set()
         self._keepalive = keepalive
+        self._held = 0
 
     def __len__(self) -> int:
         return len(self._all)
 
     def __contains__(self, sub: object) -> bool:
         return sub in self._all
+
+    def hold(self, limit: int) -> bool:
+        """Hold a place for a subscription about to be taken in, unless the subscriptions
+        taken in and the places held reach *limit*; return whether one is held. Callers
+        hold :attr:`lock`."""
+        if len(self._all) + self._held >= limit:
+            return False
+        self._held += 1
+        return True
+
+    def let_go(self) -> None:
+        """Give back a place held by :meth:`hold`. Callers hold :attr:`lock`."""
+        self._held -= 1
 
     def add(self, sub: Subscription, *, deliver: bool = True) -> None:
         """Take *sub* in (counted, kept alive, endable) and, with *deliver*, start delivering
