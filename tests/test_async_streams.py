@@ -14,9 +14,12 @@ from typing import Any
 
 import pytest
 import requests
-from e2e import CONF, ManyStreams, answering
 from flask import Flask, request
-from helpers import GunicornFactory, GunicornServer, RawResponse, raw_sse, wait_for
+from support.app import CONF
+from support.clients import ManyStreams
+from support.gunicorn import GunicornFactory, GunicornServer, answering
+from support.http import RawResponse, raw_sse
+from support.procs import wait_for
 
 from flask_sse_push import aio, sse_response
 from flask_sse_push.testing import EventReader

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask, Response, request
-from helpers import HOST, GunicornFactory, GunicornServer, RawResponse, raw_sse
+from support.gunicorn import GunicornFactory, GunicornServer
+from support.http import RawResponse, raw_sse
+from support.procs import HOST
 from test_async_streams import serve_background
 from werkzeug.test import TestResponse
 

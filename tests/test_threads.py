@@ -19,8 +19,9 @@ from collections.abc import Iterator
 import psutil
 import pytest
 import requests
-from e2e import Collector
-from helpers import GunicornFactory, GunicornServer, RawResponse, raw_sse
+from support.clients import Collector
+from support.gunicorn import GunicornFactory, GunicornServer
+from support.http import RawResponse, raw_sse
 from test_async_streams import serve_background
 
 pytestmark = pytest.mark.e2e
