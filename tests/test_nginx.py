@@ -30,9 +30,10 @@ import requests
 from support.app import CONF
 from support.browser import WAIT_MS, chromium
 from support.gunicorn import GunicornFactory, GunicornServer, answering
-from support.nginx import NginxFactory, require_nginx
+from support.nginx import SITE_TEMPLATE, NginxFactory, placeholders, require_nginx
 from support.procs import REPO_ROOT, TESTS_DIR, free_port, wait_for
 from support.redis_server import RedisServer
+from support.tls import OPENSSL_REQ
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -363,3 +364,18 @@ def publish_offline(env: dict[str, str], channel: str, count: int) -> list[str]:
     ids = done.stdout.split()
     assert len(ids) == count, done.stdout
     return ids
+
+
+def test_the_docs_show_what_the_tests_run() -> None:
+    """The deployment page includes the shipped site, fills in its placeholders with the
+    ``envsubst`` command :func:`support.nginx.render_site` runs, and makes the self-signed
+    certificate with the command :mod:`support.tls` runs."""
+    page = (REPO_ROOT / "docs" / "deployment.rst").read_text()
+    relative = SITE_TEMPLATE.relative_to(REPO_ROOT).as_posix()
+    assert f".. literalinclude:: ../{relative}" in page
+    commands = re.findall(r"envsubst '([^']*)'", page)
+    assert commands, "no envsubst command on the deployment page"
+    names = placeholders(SITE_TEMPLATE.read_text())
+    for command in commands:
+        assert sorted(command.replace("$", "").split()) == names
+    assert OPENSSL_REQ in " ".join(page.replace("\\\n", " ").split())
