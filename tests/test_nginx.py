@@ -30,7 +30,7 @@ import requests
 from support.app import CONF
 from support.browser import WAIT_MS, chromium
 from support.gunicorn import GunicornFactory, GunicornServer, answering
-from support.nginx import SITE_TEMPLATE, NginxFactory, placeholders, require_nginx
+from support.nginx import SITE_TEMPLATE, NginxFactory, NginxServer, placeholders, require_nginx
 from support.procs import REPO_ROOT, TESTS_DIR, free_port, wait_for
 from support.redis_server import RedisServer
 from support.tls import OPENSSL_REQ
@@ -148,13 +148,13 @@ def proxies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxFactory]:
 
 
 @pytest.fixture(scope="module")
-def h2_proxy(proxies: NginxFactory, backend: GunicornServer) -> Any:
+def h2_proxy(proxies: NginxFactory, backend: GunicornServer) -> NginxServer:
     """The shipped site: HTTP/2 to the browser."""
     return proxies(backend.port, read_timeout=f"{READ_TIMEOUT}s")
 
 
 @pytest.fixture(scope="module")
-def h1_proxy(proxies: NginxFactory, backend: GunicornServer) -> Any:
+def h1_proxy(proxies: NginxFactory, backend: GunicornServer) -> NginxServer:
     """The shipped site with HTTP/2 taken away."""
     return proxies(backend.port, read_timeout=f"{READ_TIMEOUT}s", edit=HTTP1_ONLY)
 
@@ -201,7 +201,7 @@ def streams_on(server: GunicornServer, channel: str) -> int:
 
 
 def test_http2_carries_twelve_streams_from_one_page(
-    h2_proxy: Any, backend: GunicornServer, open_page: Callable[[str], Sources]
+    h2_proxy: NginxServer, backend: GunicornServer, open_page: Callable[[str], Sources]
 ) -> None:
     sources = open_page(h2_proxy.url + "/")
     assert protocol(sources) == "h2"
@@ -213,7 +213,7 @@ def test_http2_carries_twelve_streams_from_one_page(
 
 
 def test_http1_stalls_the_streams_beyond_six(
-    h1_proxy: Any, backend: GunicornServer, open_page: Callable[[str], Sources]
+    h1_proxy: NginxServer, backend: GunicornServer, open_page: Callable[[str], Sources]
 ) -> None:
     sources = open_page(h1_proxy.url + "/")
     assert protocol(sources) == "http/1.1"
@@ -236,7 +236,7 @@ def test_http1_stalls_the_streams_beyond_six(
 
 
 def test_first_event_reaches_the_browser_at_once(
-    h2_proxy: Any, backend: GunicornServer, open_page: Callable[[str], Sources]
+    h2_proxy: NginxServer, backend: GunicornServer, open_page: Callable[[str], Sources]
 ) -> None:
     """Each event is the first after a quiet spell: a buffering proxy would hold it."""
     sources = open_page(h2_proxy.url + "/")
@@ -257,7 +257,7 @@ def test_first_event_reaches_the_browser_at_once(
 
 
 def test_keepalives_hold_a_quiet_stream_past_the_read_timeout(
-    h2_proxy: Any, backend: GunicornServer, open_page: Callable[[str], Sources]
+    h2_proxy: NginxServer, backend: GunicornServer, open_page: Callable[[str], Sources]
 ) -> None:
     sources = open_page(h2_proxy.url + "/")
     # 0: an idle stream with keep-alives; 1: a stream without, silent for longer than IDLE.
