@@ -4,8 +4,9 @@
 #   bash dev.sh example   # install, then serve example_app under gunicorn with gevent workers
 #   bash dev.sh test      # install everything the tests need, then run lint, types and tests
 #
-# System packages (python3-venv, redis-server, chromium for the browser test) are installed
-# with apt-get when missing. Playwright drives Debian's Chromium; it never downloads a browser.
+# System packages (python3-venv, redis-server, chromium for the browser tests, nginx, openssl
+# and gettext-base for the proxy tests) are installed with apt-get when missing. Playwright
+# drives Debian's Chromium; it never downloads a browser.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -50,6 +51,9 @@ case "${1:-}" in
     test)
         command -v redis-server >/dev/null 2>&1 || apt_install redis-server
         [ -x /usr/bin/chromium ] || apt_install chromium
+        [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || apt_install nginx
+        command -v openssl >/dev/null 2>&1 || apt_install openssl
+        command -v envsubst >/dev/null 2>&1 || apt_install gettext-base
         venv "test,redis,docs"
         "$VENV/bin/ruff" check flask_sse_push tests example_app benchmarks
         "$VENV/bin/mypy" flask_sse_push

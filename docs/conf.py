@@ -7,16 +7,13 @@ third-party and standard-library types cannot resolve and are listed in ``nitpic
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from flask_sse_push import __version__
 
 project = "flask-sse-push"
 author = "the flask-sse-push authors"
 copyright = "the flask-sse-push authors"
 
-try:
-    release = version("flask-sse-push")
-except PackageNotFoundError:  # building from a checkout without the package installed
-    release = "0.1.0"
+release = __version__  # the one source of the version
 version = ".".join(release.split(".")[:2])
 
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.intersphinx"]

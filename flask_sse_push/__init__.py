@@ -26,6 +26,9 @@ from .reasons import EndReason, ResetReason
 from .responses import sse_response
 from .state import get_state
 
+#: The package's version, the one source of it (``setup.cfg`` reads it from here).
+__version__ = "0.1.0"
+
 __all__ = [
     "RESET_EVENT",
     "BusError",

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from support.gunicorn import GunicornFactory
+from support.nginx import NginxFactory, require_nginx
 from support.redis_server import RedisFactory, RedisServer, require_redis_server
 
 _MARKERS = {
@@ -61,6 +62,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisFact
     """
     exe = require_redis_server()
     factory = RedisFactory(tmp_path_factory.mktemp("redis"), exe)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture
+def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxFactory]:
+    """Provide a factory starting nginx with the shipped site in front of a gunicorn.
+
+    ``start(upstream_port, *, read_timeout="60s", edit=None)`` returns a running
+    :class:`support.nginx.NginxServer` speaking TLS (a self-signed certificate) and HTTP/2
+    on a free 127.0.0.1 port; see :class:`support.nginx.NginxFactory`.  Every server
+    started is stopped at teardown.  Without ``nginx`` the test is skipped, or failed when
+    ``CI`` is set.
+
+    :param tmp_path_factory: For the servers' directories.
+    :returns: The factory.
+    """
+    factory = NginxFactory(tmp_path_factory.mktemp("nginx"), require_nginx())
     yield factory
     factory.stop_all()
 

@@ -6,6 +6,9 @@
 - :mod:`support.redis_server`: throwaway ``redis-server`` processes.
 - :mod:`support.clients`: stream readers built on raw sockets (one, many, reconnecting).
 - :mod:`support.app`: serving the test app (``apps.streaming``) and calling its routes.
+- :mod:`support.nginx`: nginx with the shipped site configuration in front of gunicorn.
+- :mod:`support.tls`: a throwaway self-signed certificate.
+- :mod:`support.browser`: Debian's Chromium, headless, through Playwright.
 
 The tests find this package through pytest's ``pythonpath`` setting; the benchmarks through
 ``benchmarks/benchutil.py``. Nothing is imported here, so a benchmark process that needs one
