@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
 from support.app import CONF
+from support.browser import WAIT_MS, chromium
 from support.gunicorn import GunicornFactory, GunicornServer, answering
 from support.procs import HOST, REPO_ROOT
 from support.redis_server import RedisFactory
@@ -37,20 +36,6 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.redis]
 
 EXAMPLE_APP = "example_app.app:app"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-#: Upper bound of every wait in the browser, in milliseconds.
-WAIT_MS = 20_000
-
 #: Runs before the page's scripts: counts what the page's EventSource goes through.
 RECORDER = """
 window.__sse = {opens: 0, errors: 0, resets: 0, hellos: 0};
@@ -77,44 +62,6 @@ with app.app_context():
         ids.append(send_event({"channel": channel, "data": data}, event="note", channel=channel))
 print(json.dumps(ids))
 """
-
-
-def _missing(message: str) -> None:
-    """Skip the test, or fail it when ``CI`` is set."""
-    if "CI" in os.environ:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
-@contextmanager
-def chromium() -> Iterator[Browser]:
-    """Debian's Chromium, headless, launched by Playwright with a throwaway profile; skips
-    the test (fails it under ``CI``) when either is missing."""
-    executable = shutil.which(CHROMIUM)
-    if executable is None:
-        _missing(
-            f"{CHROMIUM} not found; install the Debian package chromium "
-            "(apt-get install chromium) to run the browser tests"
-        )
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing(
-            "the Python package playwright is missing; pip install playwright "
-            "(do not run `playwright install`: the tests use Debian's chromium)"
-        )
-    assert executable is not None
-    playwright = sync_playwright().start()
-    try:
-        launched = playwright.chromium.launch(
-            executable_path=executable, headless=True, args=CHROMIUM_ARGS, timeout=WAIT_MS
-        )
-        try:
-            yield launched
-        finally:
-            launched.close()
-    finally:
-        playwright.stop()
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 import requests
+from support.browser import WAIT_MS, chromium
 from support.gunicorn import GunicornFactory, GunicornServer
-from test_browser import WAIT_MS, chromium, serve_example
+from test_browser import serve_example
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page
