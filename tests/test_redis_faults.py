@@ -5,20 +5,27 @@ clear error or a clean end of the stream; never in a silent gap or an endless wa
 
 from __future__ import annotations
 
+import random
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, request
 from helpers import RedisFactory, RedisServer, wait_for
 
 from flask_sse_push import (
+    BusError,
     PublishError,
     SSEBlueprint,
+    end_streams,
     get_state,
     send_event,
 )
+from flask_sse_push.bus import Subscription
 from flask_sse_push.bus.redis import RedisBus
 from flask_sse_push.parser import ServerEvent
 from flask_sse_push.testing import EventReader
@@ -281,6 +288,99 @@ def test_caller_ids_stay_found_while_their_index_rotates(make: Made) -> None:
     assert sum(sizes) <= 2000
 
 
+# -- resumes racing a publisher --------------------------------------------------------------
+
+
+def _ids(payloads: list[bytes]) -> list[str]:
+    return [
+        line[4:]
+        for payload in payloads
+        for line in payload.decode().split("\n")
+        if line.startswith("id: ")
+    ]
+
+
+def _resume_and_follow(
+    bus: RedisBus, published: list[str], rng: random.Random
+) -> tuple[int, list[str]]:
+    """Resume a little before the newest published event and follow a few events; return
+    the index of the resume point and the ids received."""
+    start = max(0, len(published) - 1 - rng.randrange(30))
+    sub = Subscription(["a"], 100_000)
+    resume = bus.subscribe(sub, published[start])
+    received: list[bytes] = []
+    deadline = time.monotonic() + 20
+    try:
+        assert resume.pending is not None
+        for _ in range(10_000):
+            try:
+                replay = resume.pending()
+                break
+            except BusError:
+                assert time.monotonic() < deadline, "Redis is up: the resume must succeed"
+                time.sleep(0.01)
+        assert replay.reset is None, replay.reset
+        received += replay.replay
+        quiet_until = time.monotonic() + 2
+        for _ in range(10_000):
+            data = sub.take(0.05)
+            if data:
+                received.append(data)
+            if len(received) >= 20 or time.monotonic() > min(quiet_until, deadline):
+                break
+    finally:
+        bus.unsubscribe(sub)
+    return start, _ids(received)
+
+
+def test_resumes_racing_a_publisher_get_every_event_once_in_order(redis_app: Flask) -> None:
+    """Many resumes while events are delivered: each gets the events after its resume
+    point exactly once, in order (a position recorded apart from the delivery lost one)."""
+    bus = redis_bus(redis_app)
+    published = [publish_in(redis_app, "start", channel="a")]
+    bus.receiver.start  # noqa: B018 - starts the receiver
+    assert wait_for(lambda: connected(redis_app), 10)
+    done = threading.Event()
+    results: list[tuple[int, list[str]]] = []
+
+    def publisher() -> None:
+        try:
+            with redis_app.app_context():
+                for i in range(3000):
+                    published.append(send_event(i, channel="a"))
+                    if i % 50 == 0:
+                        time.sleep(0.005)
+        finally:
+            done.set()
+
+    def resumer(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(2000):
+            if done.is_set():
+                return
+            results.append(_resume_and_follow(bus, published, rng))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: the race needs a switch at the seam
+    try:
+        threads = [threading.Thread(target=publisher)]
+        threads += [threading.Thread(target=resumer, args=(seed,)) for seed in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(results) >= 50
+    wrong = [
+        (published[start], got[:3])
+        for start, got in results
+        if got != published[start + 1 : start + 1 + len(got)]
+    ]
+    assert wrong == [], f"{len(wrong)} of {len(results)} resumes missed or repeated events"
+
+
 # -- a deleted or recreated stream -----------------------------------------------------------
 
 
@@ -335,3 +435,122 @@ def test_streams_through_a_restart_without_persistence(
         (reset,) = again.events(count=1, timeout=10)
         assert (reset.type, reset.id, reset.json()["reason"]) == ("sse-reset", new, "unknown")
         assert_delivers(again, app, "newest")
+
+
+# -- revocation across apps and processes ----------------------------------------------------
+
+
+def _user_app(make: Made) -> Flask:
+    app = make(SSE_REDIS_KEY="shared-events")
+    blueprint = app.blueprints["sse"]
+    assert isinstance(blueprint, SSEBlueprint)
+    blueprint.identify(lambda: request.args.get("user"))
+    return app
+
+
+REVOKED_ELSEWHERE = """
+import sys, time
+from flask import Flask, request
+from flask_sse_push import SSEBlueprint, get_state
+from flask_sse_push.testing import EventReader
+
+app = Flask("elsewhere")
+app.config.update(SSE_BUS_URL=sys.argv[1], SSE_REDIS_KEY="shared-events", SSE_KEEPALIVE=0.2)
+blueprint = SSEBlueprint()
+blueprint.identify(lambda: request.args.get("user"))
+app.register_blueprint(blueprint, url_prefix="/stream")
+client = app.test_client()
+with EventReader(client.get("/stream?channel=a&user=alice", buffered=False)) as alice, \\
+        EventReader(client.get("/stream?channel=a&user=bob", buffered=False)) as bob:
+    bus = get_state(app).bus
+    for _ in range(200):
+        if bus.connected and bus.stream_count() == 2:
+            break
+        time.sleep(0.05)
+    print("ready", flush=True)
+    for _ in range(300):
+        alice.events(timeout=0.1)
+        if alice.ended:
+            break
+    bob.events(timeout=0.5)
+    print(alice.parser.comments[-1:], bob.ended, flush=True)
+get_state(app).bus.close()
+"""
+
+
+def test_end_streams_reaches_other_apps_on_the_key_and_other_processes(
+    make: Made, shared_redis: RedisServer
+) -> None:
+    app_a = _user_app(make)
+    app_b = _user_app(make)
+    child = subprocess.Popen(
+        [sys.executable, "-c", REVOKED_ELSEWHERE, shared_redis.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with (
+            EventReader(open_stream(app_a, query="channel=a&user=alice")) as a_alice,
+            EventReader(open_stream(app_b, query="channel=a&user=alice")) as b_alice,
+            EventReader(open_stream(app_b, query="channel=a&user=bob")) as b_bob,
+        ):
+            assert wait_for(lambda: connected(app_a) and connected(app_b), 10)
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "ready"
+            with app_a.app_context():
+                assert end_streams(user="alice") == 1
+            # A stream alice opens again in app A right away is not ended by app A's own
+            # order coming back through the stream.
+            with EventReader(open_stream(app_a, query="channel=a&user=alice")) as a_again:
+                read_until_end(b_alice, 10)
+                read_until_end(a_alice, 10)
+                assert a_alice.ended and b_alice.ended
+                assert a_alice.parser.comments[-1] == b_alice.parser.comments[-1] == " revoked"
+                marker = publish_in(app_a, "still here", channel="a")
+                assert [e.id for e in a_again.events(count=1, timeout=10)] == [marker]
+                assert [e.id for e in b_bob.events(count=2, timeout=10)][-1:] == [marker]
+                assert not a_again.ended and not b_bob.ended
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate(timeout=10)
+    assert child.returncode == 0, err
+    assert out.strip() == "[' revoked'] False", err
+
+
+# -- stats and lifetime while Redis is down --------------------------------------------------
+
+
+def test_stats_while_redis_is_down(make: Made, redis_server: RedisFactory) -> None:
+    server = redis_server()
+    app = make(server.url, SSE_STATS=True)
+    bus = redis_bus(app)
+    with EventReader(open_stream(app, query="channel=a&channel=b")):
+        assert wait_for(lambda: connected(app) and bus.stream_count() == 1, 10)
+        server.stop()
+        started = time.monotonic()
+        response = app.test_client().get("/stream/stats")
+        assert time.monotonic() - started < 5
+    assert response.status_code == 200
+    stats = response.get_json()
+    assert (stats["streams"], stats["channels"]) == (1, {"a": 1, "b": 1})
+    assert "cluster" not in stats
+    assert "could not read stream counts from Redis" in stats["cluster_error"]
+
+
+def test_max_lifetime_while_the_replay_waits_for_redis(
+    make: Made, redis_server: RedisFactory
+) -> None:
+    server = redis_server()
+    app = make(server.url, SSE_MAX_LIFETIME=2)
+    first = publish_in(app, "first", channel="a")
+    server.stop()
+    started = time.monotonic()
+    with EventReader(open_stream(app, first)) as reader:
+        events = read_until_end(reader, 15)
+        assert reader.ended
+    assert time.monotonic() - started < 10
+    assert events == []
+    assert reader.parser.comments[-1] == " lifetime"
