@@ -221,7 +221,7 @@ def test_replies_slower_than_the_publish_timeout(redis_app: Flask) -> None:
     with EventReader(open_stream(redis_app)) as live:
         assert wait_for(lambda: connected(redis_app) and bus.stream_count() == 1, 10)
         try:
-            admin.client_pause(4000)
+            admin.client_pause(10_000, all=False)  # writes only; lifted when the publish failed
             started = time.monotonic()
             with pytest.raises(PublishError, match="did not answer within") as info:
                 publish_in(redis_app, "slow", channel="a")
@@ -229,10 +229,13 @@ def test_replies_slower_than_the_publish_timeout(redis_app: Flask) -> None:
         finally:
             admin.client_unpause()
             admin.close()
-        assert elapsed < 3.5, "SSE_PUBLISH_TIMEOUT is 1 s"
+        assert elapsed < 6, "SSE_PUBLISH_TIMEOUT is 1 s"
         assert "SSE_PUBLISH_TIMEOUT" in str(info.value)
         accepted = publish_in(redis_app, "accepted", channel="a")
-        events = live.events(count=2, timeout=10)
+        events = live.events(count=1, timeout=10)
+        if events and events[0].data == "slow":  # Redis may still carry out a timed-out add
+            events += live.events(count=1, timeout=10)
+        assert [e.data for e in events][-1:] == ["accepted"]
         assert events[-1].id == accepted
         assert not live.ended
 
