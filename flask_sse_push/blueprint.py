@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask.globals import app_ctx, request_ctx
 from flask.sansio.app import App
 from flask.sansio.blueprints import BlueprintSetupState
 
@@ -105,7 +106,13 @@ class SSEBlueprint(Blueprint):
         """Register ``func(channels) -> iterable of events`` whose events go to the new
         connection only, after any replay and before live events (for example the current
         state of a dashboard). Items may be :class:`~flask_sse_push.Event` objects or plain
-        data. Several hooks run in registration order."""
+        data. Several hooks run in registration order, inside the request's context.
+
+        The hooks run once the stream's place among the events is fixed and its replay
+        read, so the state they return is never older than an event written before it (on
+        the Redis bus with a ``Last-Event-ID`` that is when the stream starts, after the
+        view returned; the request's context is pushed again for them). Events published
+        meanwhile may follow the state: apply updates idempotently."""
         self._on_connect.append(func)
         return func
 
@@ -165,15 +172,10 @@ class SSEBlueprint(Blueprint):
         head = stream_head(settings.retry)
         catch_up: Callable[[], bytes] | None = None
         try:
-            initial = self._initial(sub, dumps)
             if resume.pending is None:
-                head += _render(resume, last_event_id, dumps) + initial
+                head += _render(resume, last_event_id, dumps) + self._initial(sub, dumps)
             else:
-                pending = resume.pending
-
-                def catch_up() -> bytes:
-                    return _render(pending(), last_event_id, dumps) + initial
-
+                catch_up = self._catch_up(sub, resume.pending, last_event_id, dumps)
             state.totals["opened"] += 1
             signals.stream_opened.send(app, channels=sub.channels)
         except BaseException:
@@ -205,6 +207,30 @@ class SSEBlueprint(Blueprint):
         if self._authorize_stats is not None and not self._authorize_stats():
             return _plain(403, "not allowed to read the stats")
         return jsonify(state.stats())
+
+    def _catch_up(
+        self,
+        sub: Subscription,
+        pending: Callable[[], Resume],
+        last_event_id: str | None,
+        dumps: Callable[[Any], str],
+    ) -> Callable[[], bytes]:
+        """What a stream whose replay is read later writes first: the replay, then the
+        on_connect state, taken after the replay was read, in the request's contexts."""
+        contexts = [
+            app_ctx._get_current_object(),  # type: ignore[attr-defined]
+            request_ctx._get_current_object(),  # type: ignore[attr-defined]
+        ]
+
+        def catch_up() -> bytes:
+            replay = _render(pending(), last_event_id, dumps)
+            if not self._on_connect:
+                return replay
+            app_context, request_context = contexts
+            with app_context, request_context:
+                return replay + self._initial(sub, dumps)
+
+        return catch_up
 
     def _initial(self, sub: Subscription, dumps: Callable[[Any], str]) -> bytes:
         parts = []

@@ -27,7 +27,7 @@ class EndReason(StrEnum):
     LAGGED = "lagged"
     #: A per-request stream's generator finished.
     DONE = "done"
-    #: A per-request stream's generator raised.
+    #: A per-request stream's generator raised, or Redis refused to read a stream's replay.
     ERROR = "error"
 
 

@@ -201,8 +201,17 @@ class Bus(ABC):
         channel: str | None = None,
         user: object = None,
     ) -> int:
-        """End this process's streams that follow *channel* and/or belong to *user*
-        (all streams when both are ``None``); return how many were ended."""
+        """End the streams that follow *channel* and/or belong to *user* (all streams when
+        both are ``None``); return how many this process ended. A revocation
+        (:attr:`~flask_sse_push.EndReason.REVOKED`) also reaches the other processes of a
+        shared bus (see :meth:`_revoke_elsewhere`)."""
+        ended = self._end_here(reason, channel, user)
+        if reason is EndReason.REVOKED:
+            self._revoke_elsewhere(channel, user)
+        return ended
+
+    def _end_here(self, reason: EndReason, channel: str | None, user: object) -> int:
+        """End this process's matching streams; return how many."""
 
         def chosen(sub: Subscription) -> bool:
             if channel is not None and channel not in sub.channels:
@@ -212,6 +221,13 @@ class Bus(ABC):
         fanout = self.fanout
         with fanout.lock:
             return fanout.end(reason, chosen)
+
+    def _revoke_elsewhere(self, channel: str | None, user: object) -> None:  # noqa: B027
+        """Tell the other processes sharing the bus to end these streams too (a bus serving
+        one process has none).
+
+        :raises BusError: when they could not be told.
+        """
 
     def stream_count(self) -> int:
         """Open streams in this process."""

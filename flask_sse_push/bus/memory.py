@@ -34,11 +34,14 @@ class MemoryBus(Bus):
     _epoch: str
     _seq: int
     _history: deque[tuple[int, Message]]
+    #: Caller-given ids in the history -> the sequence of the newest event carrying each.
+    _own: dict[str, int]
 
     def _start(self) -> None:
         self._epoch = secrets.token_hex(4)
         self._seq = 0
         self._history = deque(maxlen=self.settings.history_size)
+        self._own = {}
         # One signal per app and process, with ONE receiver that fans out; held strongly,
         # since a weakly held bound method would vanish at the next garbage collection.
         self._signal = blinker.Signal(f"flask-sse-push events of {self.name}")
@@ -51,12 +54,24 @@ class MemoryBus(Bus):
         fanout = self.fanout
         with fanout.lock:
             self._seq += 1
+            own = event_id is not None
             if event_id is None:
                 event_id = f"{self._epoch}-{self._seq}"
             message = Message(channel, event_id, with_id(event_id, body))
-            self._history.append((self._seq, message))
+            self._remember(message, own)
             self._signal.send(self, message=message, fanout=fanout)
         return event_id
+
+    def _remember(self, message: Message, own: bool) -> None:
+        """Add *message* to the history, and its id to the index when the caller gave it."""
+        history = self._history
+        if history and len(history) == history.maxlen:
+            sequence, oldest = history[0]
+            if self._own.get(oldest.id) == sequence:
+                del self._own[oldest.id]
+        history.append((self._seq, message))
+        if own and history:
+            self._own[message.id] = self._seq
 
     def subscribe(self, sub: Subscription, last_event_id: str | None) -> Resume:
         fanout = self.fanout
@@ -76,11 +91,8 @@ class MemoryBus(Bus):
         if epoch == self._epoch and seq.isdigit() and seq.isascii():
             number = int(seq)
             return number if number <= self._seq else None
-        # A caller-given id: the newest event that carried it.
-        for position, message in reversed(self._history):
-            if message.id == last_event_id:
-                return position
-        return None
+        # A caller-given id: the newest event that carried it, still in the history.
+        return self._own.get(last_event_id)
 
     def _resume(self, sub: Subscription, last_event_id: str | None) -> Resume:
         if last_event_id is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -22,20 +23,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from ..config import Settings
-from ..encoding import MAX_FIELD_LENGTH, with_id
+from ..encoding import with_id
 from ..errors import BusError, PublishError
-from ..reasons import EndReason, ResetReason
+from ..reasons import EndReason
 from .base import Bus, Message, Reset, Resume, Subscription
-from .redis_receiver import Receiver, read_stats, stream_position, text
+from .redis_history import CONTROL, History, Position, entry_id, stream_shaped
+from .redis_receiver import Receiver, read_stats
 
 if TYPE_CHECKING:
     import redis
 
-Entries = list[tuple[bytes, dict[bytes, bytes]]]
-Position = tuple[int, int]
-
-#: Field values of control entries (not events) in the stream.
-_CONTROL = b"\x00control"
+log = logging.getLogger("flask_sse_push")
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,17 @@ class _Resumption:
                     return placed
                 self.span = placed
             return self.bus._replay(self.sub, *self.span)
+        except self.bus.redis.ResponseError as exc:
+            # Refused, not unreachable: asking again would be refused again.
+            log.error(
+                "flask-sse-push: Redis refused to read the history in %r (%s); ending a stream "
+                "that resumed from %r",
+                self.bus.key,
+                exc,
+                self.last_event_id,
+            )
+            self.sub.end(EndReason.ERROR)
+            raise BusError(f"Redis refused to read the history: {exc}") from exc
         except self.bus.redis.RedisError as exc:
             raise BusError(f"could not read the history from Redis: {exc}") from exc
 
@@ -121,6 +130,8 @@ class RedisBus(Bus):
             client_name=f"flask-sse-push:publish:{os.getpid()}",
         )
         self.client = self.redis.Redis(connection_pool=pool)
+        #: The stream as a history, with the index of caller-given ids.
+        self.history = History(self.client, self.key, self.options.maxlen)
         #: This bus instance in this process, for revocation and stream counts.
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._receiver = None
@@ -164,48 +175,46 @@ class RedisBus(Bus):
         """Whether this process's receiver is connected to Redis."""
         return self._receiver is not None and self._receiver.connected
 
-    def stream_info(self, client: redis.Redis) -> dict[Any, Any] | None:
-        """``XINFO STREAM`` of the app's stream, or ``None`` when it does not exist."""
-        if not client.exists(self.key):
-            return None
-        return cast("dict[Any, Any]", client.xinfo_stream(self.key))
-
-    @staticmethod
-    def trimmed_after(info: dict[Any, Any] | None, position: Position) -> bool:
-        """Whether entries after *position* may have been trimmed from the stream: something
-        was trimmed and *position* is older than the oldest entry left. (When *position* was
-        itself the last entry trimmed nothing is missing, but that cannot be told apart.)"""
-        if not info or info.get("entries-added", 0) <= info.get("length", 0):
-            return False
-        first = info.get("first-entry")
-        if not first:
-            return True
-        oldest = stream_position(text(first[0]))
-        return oldest is not None and position < oldest
-
     # -- publishing ----------------------------------------------------------------------
 
     def publish(self, channel: str, body: bytes, event_id: str | None = None) -> str:
-        if event_id is not None and stream_position(event_id) is not None:
+        if event_id is not None and stream_shaped(event_id):
             raise ValueError(
                 f"id {event_id!r} has the form of the Redis bus's own ids "
                 "(<digits>-<digits>), so a client resuming from it would be placed by "
                 "position; use another form (for example 'order-2024-1'), or id=None"
             )
-        fields: dict[Any, Any] = {"c": channel, "b": body}
+        fields: dict[str, str | bytes] = {"c": channel, "b": body}
         if event_id is not None:
             fields["i"] = event_id
         try:
-            entry = self._add(fields)
+            entry = self._add(fields, event_id)
         except self.redis.RedisError as exc:
-            raise PublishError(
-                f"could not publish to Redis at {self._where()} ({exc}); the event was not "
-                "sent. Check that Redis is running and SSE_BUS_URL points at it."
-            ) from exc
-        return event_id if event_id is not None else text(entry)
+            raise PublishError(self._failed(exc)) from exc
+        return event_id if event_id is not None else entry
 
-    def _add(self, fields: dict[Any, Any]) -> Any:
-        return self._client.xadd(self.key, fields, maxlen=self.options.maxlen, approximate=True)
+    def _add(self, fields: dict[str, str | bytes], own_id: str | None = None) -> str:
+        self.fanout  # noqa: B018 - creates the per-process state after a fork
+        return self.history.add(fields, own_id)
+
+    def _failed(self, exc: Exception) -> str:
+        """Why a publish failed, and what to do."""
+        where = f"Redis at {self._where()}"
+        if isinstance(exc, self.redis.TimeoutError):
+            return (
+                f"{where} did not answer within SSE_PUBLISH_TIMEOUT ({self.options.timeout} s); "
+                "the event may not have been published. (Redis may still carry the command "
+                "out: publishing it again could send it twice.)"
+            )
+        if isinstance(exc, self.redis.ResponseError):
+            return (
+                f"{where} refused to publish to {self.key!r} ({exc}); the event was not sent. "
+                "The key must hold a stream (SSE_REDIS_KEY) and Redis must take writes."
+            )
+        return (
+            f"could not publish to {where} ({exc}); the event was not sent. Check that "
+            "Redis is running and SSE_BUS_URL points at it."
+        )
 
     def _where(self) -> str:
         kwargs = self._client.connection_pool.connection_kwargs
@@ -213,28 +222,19 @@ class RedisBus(Bus):
             return str(kwargs["path"])
         return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
 
-    def end_streams(
-        self,
-        reason: EndReason = EndReason.REVOKED,
-        *,
-        channel: str | None = None,
-        user: object = None,
-    ) -> int:
-        """End matching streams in this process, and (for revocation) in every other process
-        of the app through a control entry in the stream."""
-        ended = super().end_streams(reason, channel=channel, user=user)
-        if reason is EndReason.REVOKED:
-            try:
-                order = json.dumps({"channel": channel, "user": user, "origin": self.origin})
-                self._add({"c": _CONTROL, "b": order})
-            except (self.redis.RedisError, TypeError) as exc:
-                raise BusError(f"could not tell the other workers to end streams: {exc}") from exc
-        return ended
+    def _revoke_elsewhere(self, channel: str | None, user: object) -> None:
+        """Write a control entry to the stream: every other process of the app ends the
+        matching streams when its receiver reads it."""
+        try:
+            order = json.dumps({"channel": channel, "user": user, "origin": self.origin})
+            self._add({"c": CONTROL, "b": order})
+        except (self.redis.RedisError, TypeError) as exc:
+            raise BusError(f"could not tell the other workers to end streams: {exc}") from exc
 
     @staticmethod
     def is_control(fields: dict[bytes, bytes]) -> bool:
         """Whether a stream entry is a control entry rather than an event."""
-        return fields.get(b"c") == _CONTROL
+        return fields.get(b"c") == CONTROL
 
     def control(self, fields: dict[bytes, bytes]) -> None:
         """Carry out a control entry another process wrote (revocation)."""
@@ -244,7 +244,7 @@ class RedisBus(Bus):
             return
         if not isinstance(order, dict) or order.get("origin") == self.origin:
             return
-        super().end_streams(EndReason.REVOKED, channel=order.get("channel"), user=order.get("user"))
+        self._end_here(EndReason.REVOKED, order.get("channel"), order.get("user"))
 
     @staticmethod
     def message(entry_id: bytes, fields: dict[bytes, bytes]) -> Message:
@@ -281,11 +281,11 @@ class RedisBus(Bus):
         this receiver's position (the cut); the history covers the span between them.
         """
         receiver = self.receiver
+        found, head = self.history.locate(last_event_id)
         if receiver.last is None:
             raise BusError("the Redis receiver has not connected yet")
-        found, head = self._locate(last_event_id)
         with receiver.lock:
-            cut = stream_position(receiver.last) or (0, 0)
+            cut = receiver.position
             if isinstance(found, Reset):
                 # The client refetches its state as of the head: live delivery starts
                 # after the head, even if this receiver is not there yet.
@@ -308,58 +308,15 @@ class RedisBus(Bus):
 
     def _replay(self, sub: Subscription, after: Position, upto: Position) -> Resume:
         """The events of *sub*'s channels after *after*, up to *upto* included."""
-        wanted = {channel.encode() for channel in sub.channels}
-        entries = cast(
-            Entries,
-            self._client.xrange(
-                self.key, min=f"({after[0]}-{after[1]}", max=f"{upto[0]}-{upto[1]}"
-            ),
-        )
-        replay = [
-            self.message(entry_id, fields).payload
-            for entry_id, fields in entries
-            if fields.get(b"c") in wanted
-        ]
+        entries = self.history.read(sub.channels, after, upto)
+        replay = [self.message(entry, fields).payload for entry, fields in entries]
         # Trimming only removes the oldest entries: if nothing after the resume point is
-        # gone now, nothing was gone while the range above was read either.
-        if self.trimmed_after(self.stream_info(self._client), after):
-            return Resume([], Reset(ResetReason.TOO_OLD, f"{upto[0]}-{upto[1]}"))
+        # gone now, nothing was gone while the range above was read either. (Nor was the
+        # stream deleted and created again, or the resume point would be outside it.)
+        reason = self.history.info().gap(after)
+        if reason is not None:
+            return Resume([], Reset(reason, entry_id(upto)))
         return Resume(replay, None)
-
-    def _locate(self, last_event_id: str) -> tuple[Position | Reset, Position]:
-        """The stream position *last_event_id* stands for, or why it cannot be resumed; and
-        the position of the newest entry."""
-        info = self.stream_info(self._client)
-        head_id = self._head_id(info)
-        head = (stream_position(text(info["last-generated-id"])) if info else None) or (0, 0)
-        if not last_event_id or len(last_event_id) > MAX_FIELD_LENGTH:
-            return Reset(ResetReason.MALFORMED, head_id), head
-        position = stream_position(last_event_id)
-        if position is None:
-            position = self._find_own_id(last_event_id)
-            if position is None:
-                return Reset(ResetReason.UNKNOWN, head_id), head
-        if position > head:
-            return Reset(ResetReason.UNKNOWN, head_id), head
-        if self.trimmed_after(info, position):
-            return Reset(ResetReason.TOO_OLD, head_id), head
-        return position, head
-
-    def _head_id(self, info: dict[Any, Any] | None) -> str:
-        if not info or not info.get("last-entry"):
-            return "0-0"
-        entry_id, fields = info["last-entry"]
-        own = fields.get(b"i")
-        return own.decode() if own else text(entry_id)
-
-    def _find_own_id(self, event_id: str) -> Position | None:
-        """The stream position of the newest event published with the caller's *event_id*."""
-        wanted = event_id.encode()
-        entries = cast(Entries, self._client.xrevrange(self.key, count=self.options.maxlen))
-        for entry_id, fields in entries:
-            if fields.get(b"i") == wanted:
-                return stream_position(text(entry_id))
-        return None
 
     def cluster_stats(self) -> dict[str, Any]:
         """Open streams of every live process of the app, as each last reported them (see

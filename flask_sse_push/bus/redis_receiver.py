@@ -3,7 +3,9 @@ stream with ``XREAD BLOCK`` and delivering each entry to the process's fan-out.
 
 It goes on from the last entry it delivered after an outage, so every event Redis accepted is
 delivered, in order; it holds the bus only weakly, so an app that is gone takes its receiver
-with it.
+with it. When the stream was trimmed past its position it ends its streams as lagged, so
+that their clients resync; when the stream was deleted (``FLUSHDB``, a restart of Redis
+without persistence) it reads the new one from its start.
 """
 
 from __future__ import annotations
@@ -13,19 +15,19 @@ import json
 import logging
 import os
 import random
-import re
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import concurrency
-from ..reasons import EndReason
+from ..reasons import EndReason, ResetReason
 from .fanout import Fanout
+from .redis_history import Entries, Position, entry_id, stream_position, text
 
 if TYPE_CHECKING:
     import redis
 
-    from .redis import Entries, RedisBus
+    from .redis import RedisBus
 
 log = logging.getLogger("flask_sse_push")
 
@@ -67,6 +69,8 @@ class Receiver:
         self._pid = os.getpid()
         self._reader: redis.Redis | None = None
         self._next_stats = 0.0
+        #: The last error Redis answered with, logged once until things work again.
+        self._refused: str | None = None
 
     def start(self) -> None:
         """Learn the stream's position now if Redis answers (so an event published right
@@ -83,13 +87,19 @@ class Receiver:
         if self._reader is not None:
             self._reader.close()
 
+    @property
+    def position(self) -> Position:
+        """:attr:`last` as a position (``0-0`` while unknown). Callers hold the lock."""
+        return stream_position(self.last or "0-0") or (0, 0)
+
     def learn_position(self, client: redis.Redis) -> None:
         """Start after the stream's newest entry, unless a position is known already."""
         if self.last is not None:
             return
         bus = self._bus()
-        info = bus.stream_info(client) if bus is not None else None
-        start = text(info["last-generated-id"]) if info else "0-0"
+        if bus is None:
+            return
+        start = entry_id(bus.history.info(client).last_generated)
         with self.lock:
             if self.last is None:
                 self.last = start
@@ -106,10 +116,13 @@ class Receiver:
             try:
                 self._once()
                 backoff = 0.1
+                self._refused = None
             except self._redis.RedisError as exc:
                 if not self._running():
                     break
-                if self.connected:
+                if isinstance(exc, self._redis.ResponseError):
+                    self._log_refused(exc)
+                elif self.connected:
                     log.warning(
                         "flask-sse-push: lost Redis (%s); open streams stay open, retrying", exc
                     )
@@ -122,6 +135,16 @@ class Receiver:
                 log.exception("flask-sse-push: Redis receiver error")
                 time.sleep(1.0)
         self._disconnect()
+
+    def _log_refused(self, exc: Exception) -> None:
+        if str(exc) != self._refused:
+            self._refused = str(exc)
+            log.error(
+                "flask-sse-push: Redis refused to let this worker read %r (%s); open streams "
+                "stay open, retrying",
+                self.key,
+                exc,
+            )
 
     def _disconnect(self) -> None:
         self.connected = False
@@ -143,11 +166,11 @@ class Receiver:
             return
         reader = self._connect(bus)
         if not self.connected:
-            # (Re)connecting: learn where to start, or notice entries trimmed unread.
+            # (Re)connecting: learn where to start, or notice entries lost unread.
             if self.last is None:
                 self.learn_position(reader)
             else:
-                self._check_lag(bus, reader)
+                self._check_position(bus, reader)
             self.connected = True
         del bus  # not held across the blocking read
         streams = cast(
@@ -157,15 +180,22 @@ class Receiver:
         bus = self._bus()
         if bus is None:
             return
+        if not streams:
+            # Nothing new for a while: was the stream deleted, or made again with ids below
+            # this receiver's position (which it would wait for forever)?
+            self._check_position(bus, reader)
         for _key, entries in streams or ():
             if len(entries) >= BATCH:
                 # A full batch: this receiver is behind, maybe by more than the stream
                 # keeps. Entries trimmed before it read them cannot be delivered.
-                self._check_lag(bus, reader)
+                self._check_position(bus, reader)
             self._deliver(bus, entries)
         if time.monotonic() >= self._next_stats:
-            self._write_stats(bus, reader)
             self._next_stats = time.monotonic() + STATS_EVERY
+            try:
+                self._write_stats(bus, reader)
+            except self._redis.ResponseError as exc:  # out of memory: delivery goes on
+                self._log_refused(exc)
 
     def _write_stats(self, bus: RedisBus, client: redis.Redis) -> None:
         """Report this process's stream counts for :func:`read_stats`."""
@@ -178,66 +208,60 @@ class Receiver:
         client.hset(stats_key, bus.origin, json.dumps(record))
         client.expire(stats_key, int(STATS_TTL * 6))
 
-    def _check_lag(self, bus: RedisBus, reader: redis.Redis) -> None:
-        last = stream_position(self.last or "0-0")
-        if last is None or not bus.trimmed_after(bus.stream_info(reader), last):
-            return
+    def _check_position(self, bus: RedisBus, reader: redis.Redis) -> None:
+        """Notice a stream that cannot go on from :attr:`last`. Trimmed past it: end every
+        stream, as lagged, so that their clients resync. Deleted or made again: read the new
+        stream from its start, ending only the streams waiting for a resume point in the old
+        one (which the new one's ids may never pass)."""
+        info = bus.history.info(reader)
         fanout = self._fanout()
         if fanout is None:
             return
         with self.lock:
-            ended = fanout.end(EndReason.LAGGED, lambda sub: True)
-        log.warning(
-            "flask-sse-push: events were trimmed from Redis before this worker read them; "
-            "ended %d streams so their clients resync",
-            ended,
-        )
+            reason = info.gap(self.position)
+            if reason is None:
+                return
+            if reason is ResetReason.UNKNOWN:
+                why = "the Redis stream was deleted or made again; reading the new one"
+                self.last = "0-0"
+                waiting, self.waiting = self.waiting, {}
+                ended = fanout.end(EndReason.LAGGED, waiting.__contains__)
+            else:
+                why = "events were trimmed from Redis before this worker read them"
+                ended = fanout.end(EndReason.LAGGED, lambda sub: True)
+        log.warning("flask-sse-push: %s; ended %d streams so their clients resync", why, ended)
 
     def _deliver(self, bus: RedisBus, entries: Entries) -> None:
         fanout = self._fanout()
         if fanout is None:
             return
-        for entry_id, fields in entries:
+        for entry, fields in entries:
             try:
                 if bus.is_control(fields):
                     bus.control(fields)
                     with self.lock:
-                        self._advance(fanout, entry_id)
+                        self._advance(fanout, entry)
                 else:
-                    message = bus.message(entry_id, fields)
+                    message = bus.message(entry, fields)
                     with self.lock:
-                        self._advance(fanout, entry_id)
+                        self._advance(fanout, entry)
                         fanout.deliver(message)
             except Exception:  # one bad entry must not stop delivery, nor come back
-                log.exception("flask-sse-push: skipped stream entry %r", entry_id)
+                log.exception("flask-sse-push: skipped stream entry %r", entry)
                 with self.lock:
-                    self.last = entry_id.decode()
+                    self.last = entry.decode()
             concurrency.cooperate()
 
-    def _advance(self, fanout: Fanout, entry_id: bytes) -> None:
-        """Record *entry_id* as delivered and start the subscriptions waiting for a resume
+    def _advance(self, fanout: Fanout, entry: bytes) -> None:
+        """Record *entry* as delivered and start the subscriptions waiting for a resume
         point before it. Callers hold :attr:`lock`."""
-        self.last = entry_id.decode()
+        self.last = entry.decode()
         if self.waiting:
             position = stream_position(self.last) or (0, 0)
             ready = [sub for sub, after in self.waiting.items() if after < position]
             for sub in ready:
                 del self.waiting[sub]
                 fanout.activate(sub)
-
-
-_STREAM_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
-
-
-def stream_position(value: str) -> tuple[int, int] | None:
-    """The two numbers of a stream entry id ``<ms>-<seq>``, or ``None`` for another form."""
-    match = _STREAM_ID.fullmatch(value)
-    return (int(match[1]), int(match[2])) if match else None
-
-
-def text(value: Any) -> str:
-    """*value* as ``str`` (Redis answers ``bytes``)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def read_stats(client: redis.Redis, stats_key: str) -> dict[str, Any]:

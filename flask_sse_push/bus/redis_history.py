@@ -1,0 +1,230 @@
+"""The Redis bus's history: the app's stream read for replay, and the index of caller-given
+ids.
+
+Resuming a client costs a bounded number of small commands, whatever the history holds: the
+facts needed about the stream (its newest entry's id, its oldest, how many entries were ever
+added) come from a script that answers with them only, never with the entries' bodies, and a
+caller-given ``Last-Event-ID`` is looked up in an index written with each event, not searched
+for in the stream.
+
+Entry ids are two unsigned 64-bit numbers, ``<ms>-<seq>``; Redis refuses anything larger, so
+an id of that form out of range is malformed, and never sent to Redis.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from ..encoding import MAX_FIELD_LENGTH
+from ..reasons import ResetReason
+from .base import Reset
+
+if TYPE_CHECKING:
+    import redis
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+Position = tuple[int, int]
+
+#: Channel field (``c``) of the entries that are not events: revocation orders.
+CONTROL = b"\x00control"
+
+#: The largest number a part of a stream entry id may be.
+MAX_ID_PART = 2**64 - 1
+_STREAM_ID = re.compile(r"([0-9]+)-([0-9]+)")
+
+#: Facts about the stream, without entry bodies; with a caller-given id (``ARGV[1]``, or
+#: ``""``), the entry id the index holds for it.
+_INFO = """#!lua flags=no-writes
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return false
+end
+local found = false
+if ARGV[1] ~= '' then
+  found = redis.call('HGET', KEYS[2], ARGV[1]) or redis.call('HGET', KEYS[3], ARGV[1])
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local facts = {}
+for i = 1, #info, 2 do
+  facts[info[i]] = info[i + 1]
+end
+local first, newest, own = '', '', ''
+if facts['first-entry'] then
+  first = facts['first-entry'][1]
+end
+if facts['last-entry'] then
+  newest = facts['last-entry'][1]
+  local fields = facts['last-entry'][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'i' then
+      own = fields[i + 1]
+    end
+  end
+end
+return {facts['length'], facts['entries-added'], facts['last-generated-id'], first, newest,
+        own, found or ''}
+"""
+
+#: Add an entry (fields from ``ARGV[3]`` on) trimming to about ``ARGV[1]`` entries; index a
+#: caller-given id ``ARGV[2]`` in ``KEYS[2]``, which moves to ``KEYS[3]`` when it holds
+#: ``ARGV[1]`` ids.
+_ADD = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[2], ARGV[2], id)
+  if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[1]) then
+    redis.call('RENAME', KEYS[2], KEYS[3])
+  end
+end
+return id
+"""
+
+
+def stream_shaped(value: str) -> bool:
+    """Whether *value* has the form of a stream entry id, ``<digits>-<digits>``."""
+    return _STREAM_ID.fullmatch(value) is not None
+
+
+def stream_position(value: str) -> Position | None:
+    """The two numbers of a stream entry id ``<ms>-<seq>``, or ``None`` for another form or
+    numbers Redis would refuse."""
+    match = _STREAM_ID.fullmatch(value)
+    if match is None:
+        return None
+    position = (int(match[1]), int(match[2]))
+    return position if max(position) <= MAX_ID_PART else None
+
+
+def text(value: Any) -> str:
+    """*value* as ``str`` (Redis answers ``bytes``)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def entry_id(position: Position) -> str:
+    """The stream entry id of *position*."""
+    return f"{position[0]}-{position[1]}"
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What the bus needs to know about the stream, read in one small reply.
+
+    :param exists: whether the stream exists.
+    :param length: entries it holds.
+    :param entries_added: entries ever added to it (more than *length* once trimmed).
+    :param last_generated: the position of the newest entry ever added.
+    :param first: the position of the oldest entry left, ``None`` when empty.
+    :param head_id: the id of the newest entry as clients know it (its caller-given id if it
+        has one), ``"0-0"`` when there is none.
+    :param found: the position the index holds for the caller-given id asked about.
+    """
+
+    exists: bool = False
+    length: int = 0
+    entries_added: int = 0
+    last_generated: Position = (0, 0)
+    first: Position | None = None
+    head_id: str = "0-0"
+    found: Position | None = None
+
+    def gap(self, position: Position) -> ResetReason | None:
+        """Why the events after *position* cannot all be read from this stream, or ``None``
+        when they can.
+
+        A position newer than the stream's newest entry, or older than its first entry while
+        nothing was ever trimmed, comes from another stream (deleted since, or before a
+        restart of Redis without persistence); ``0-0`` stands before every stream.
+        """
+        if position > self.last_generated:
+            return ResetReason.UNKNOWN
+        if self.entries_added > self.length:
+            # Trimmed. When *position* was itself the last entry trimmed nothing is missing,
+            # but that cannot be told apart.
+            oldest = self.first or self.last_generated  # empty: all trimmed
+            return ResetReason.TOO_OLD if position < oldest else None
+        if self.first is not None and (0, 0) < position < self.first:
+            return ResetReason.UNKNOWN
+        return None
+
+
+class History:
+    """The app's stream as a history with an index of caller-given ids, in this process.
+
+    :param client: the client the bus publishes and resumes with.
+    :param key: the stream's key; the index lives at ``<key>:ids`` and ``<key>:ids:old``.
+    :param maxlen: entries the stream keeps at least; the index keeps at least as many of
+        the newest caller-given ids, and at most twice as many.
+    """
+
+    def __init__(self, client: redis.Redis, key: str, maxlen: int) -> None:
+        self.client = client
+        self.key = key
+        self.maxlen = maxlen
+        self._keys = [key, key + ":ids", key + ":ids:old"]
+        self._info = client.register_script(_INFO)
+        self._add = client.register_script(_ADD)
+
+    def add(self, fields: dict[str, str | bytes], own_id: str | None = None) -> str:
+        """Add an entry of *fields* (indexing its caller-given *own_id*); return its id.
+
+        The ``redis`` client's errors go through.
+        """
+        args: list[Any] = [self.maxlen, own_id or ""]
+        for name, value in fields.items():
+            args += [name, value]
+        return text(self._add(keys=self._keys, args=args))
+
+    def info(self, client: redis.Redis | None = None, own_id: str = "") -> StreamInfo:
+        """The stream's :class:`StreamInfo` (with *own_id* looked up in the index), read with
+        *client* (default: the bus's client).
+
+        The ``redis`` client's errors go through.
+        """
+        reply = self._info(keys=self._keys, args=[own_id], client=client or self.client)
+        if not reply:
+            return StreamInfo()
+        length, added, generated, first, newest, own, found = cast("list[Any]", reply)
+        return StreamInfo(
+            exists=True,
+            length=int(length),
+            entries_added=int(added),
+            last_generated=stream_position(text(generated)) or (0, 0),
+            first=stream_position(text(first)) if first else None,
+            head_id=text(own or newest or "0-0"),
+            found=stream_position(text(found)) if found else None,
+        )
+
+    def locate(self, last_event_id: str) -> tuple[Position | Reset, Position]:
+        """The stream position *last_event_id* stands for, or why it cannot be resumed; and
+        the position of the newest entry.
+
+        An id of the form of a stream entry id is taken as a position (out of range it is
+        malformed); any other is a caller-given id, looked up in the index.
+        """
+        if not last_event_id or len(last_event_id) > MAX_FIELD_LENGTH:
+            info = self.info()
+            return Reset(ResetReason.MALFORMED, info.head_id), info.last_generated
+        shaped = stream_shaped(last_event_id)
+        info = self.info(own_id="" if shaped else last_event_id)
+        head = info.last_generated
+        position = stream_position(last_event_id) if shaped else info.found
+        if position is None:
+            reason = ResetReason.MALFORMED if shaped else ResetReason.UNKNOWN
+            return Reset(reason, info.head_id), head
+        gap = info.gap(position)
+        if gap is not None:
+            return Reset(gap, info.head_id), head
+        return position, head
+
+    def read(self, channels: frozenset[str], after: Position, upto: Position) -> Entries:
+        """The entries of *channels* after *after*, up to *upto* included.
+
+        The ``redis`` client's errors go through.
+        """
+        wanted = {channel.encode() for channel in channels}
+        entries = cast(
+            Entries,
+            self.client.xrange(self.key, min="(" + entry_id(after), max=entry_id(upto)),
+        )
+        return [(entry, fields) for entry, fields in entries if fields.get(b"c") in wanted]
