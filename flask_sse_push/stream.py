@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from flask import Response
 
-from . import concurrency, lifecycle, mailbox
+from . import concurrency, lifecycle, mailbox, shutdown
 from .bus.base import Bus, Subscription
 from .encoding import KEEPALIVE, end_comment
 from .errors import BusError
@@ -103,6 +103,7 @@ class StreamBody:
         self._end = weakref.finalize(self, _release_later, self._releases(), on_close)
         self._end.atexit = False
         lifecycle.track_response(self)
+        shutdown.at_first_stream()
 
     def __iter__(self) -> Iterator[bytes]:
         events = self._iteration() if self._iteration is not None else None
