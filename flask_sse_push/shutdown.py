@@ -41,15 +41,15 @@ ABORT_AFTER = 2.0
 #: The signals whose handlers gunicorn's workers install as their own methods.
 _WORKER_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
 #: The command that adds what the first stream cannot (see :func:`at_first_stream`).
-MODULE_HINT = (
+_MODULE_HINT = (
     "Serve with 'gunicorn -c python:flask_sse_push.gunicorn_conf' (or import its settings "
     "and post_worker_init into your configuration): it selects the gevent worker, sets "
     "worker_connections above SSE_MAX_CONNECTIONS, ends the streams at shutdown from the "
     "worker's start, and checks these settings when each worker boots."
 )
 
-#: The pid of the process whose worker is set up (a forked child sets up its own).
-_set_up_in: list[int] = []
+#: The processes (by pid) whose set-up was claimed: a forked child makes its own.
+_claimed: dict[int, object] = {}
 
 
 def find_worker() -> Any | None:
@@ -77,10 +77,19 @@ def is_gevent_worker(worker: Any) -> bool:
 
 def set_up(worker: Any) -> None:
     """Start the watcher of gunicorn's *worker* when it is a gevent worker, once per
-    process (a later call does nothing)."""
-    if os.getpid() in _set_up_in:
-        return
-    _set_up_in[:] = [os.getpid()]
+    process (a later call, or the first stream, does nothing)."""
+    if _claim():
+        _start(worker)
+
+
+def _claim() -> bool:
+    """Whether this is the first call in this process (``setdefault`` is atomic, so one
+    caller wins whatever the threads)."""
+    token = object()
+    return _claimed.setdefault(os.getpid(), token) is token
+
+
+def _start(worker: Any) -> None:
     if is_gevent_worker(worker):
         import gevent
 
@@ -136,24 +145,23 @@ def connections_warning(worker: Any, max_streams: int) -> str | None:
 def at_first_stream() -> None:
     """Called for every new stream; at the first of a gunicorn worker that its configuration
     did not set up, start the watcher, and log one warning with what is missing."""
-    if os.getpid() in _set_up_in or not _under_gunicorn():
+    if os.getpid() in _claimed or not _claim() or not _under_gunicorn():
         return
     worker = find_worker()
     if worker is None:
-        _set_up_in[:] = [os.getpid()]
         problem: str | None = (
             "flask-sse-push: the gunicorn worker could not be found through its signal "
             "handlers (were they replaced?), so open streams hold up every shutdown and "
             "reload until graceful_timeout."
         )
     else:
-        set_up(worker)
+        _start(worker)
         problem = not_gevent_warning(worker)
         state = get_state(current_app, required=False) if has_app_context() else None
         if problem is None and state is not None:
             problem = connections_warning(worker, state.settings.max_streams)
     if problem is not None:
-        log.warning("%s %s", problem, MODULE_HINT)
+        log.warning("%s %s", problem, _MODULE_HINT)
 
 
 def _under_gunicorn() -> bool:
