@@ -8,6 +8,8 @@ Everything talks to 127.0.0.1 only; every wait is bounded in count and in time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import re
 import socket
@@ -157,8 +159,8 @@ def id_key(event_id: str) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class Published:
-    """One event as published: its id, channel, (unique) data, and its place in the bus's
-    order (:func:`id_key` of its id, or given for a caller-given id)."""
+    """One event as published: its id, channel, (unique, :func:`compact`) data, and its
+    place in the bus's order (:func:`id_key` of its id, or given for a caller-given id)."""
 
     id: str
     channel: str
@@ -205,9 +207,21 @@ def publish_logged(
     event_id = response.json()["id"]
     key = id_key(event_id)
     assert key is not None, f"not a bus-assigned id: {event_id!r}"
-    entry = Published(event_id, channel, data, key)
+    entry = Published(event_id, channel, compact(data), key)
     log.add(entry)
     return entry
+
+
+def compact(data: str) -> str:
+    """*data*, or a digest of it when it is long: what the logs and checks keep of it."""
+    if len(data) <= 1024:
+        return data
+    return "sha1:" + hashlib.sha1(data.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def compacted(event: ParsedEvent) -> ParsedEvent:
+    """*event* with its data :func:`compact`."""
+    return dataclasses.replace(event, data=compact(event.data))
 
 
 @dataclass
