@@ -89,25 +89,46 @@ class _Replaying:
         self.sock.close()
 
 
-def send_raw(port: int, wire: bytes, timeout: float) -> tuple[socket.socket, RawResponse]:
+#: Seconds between the pieces of a request sent in pieces.
+PIECE_PAUSE = 0.05
+
+
+def send_raw(
+    port: int, wire: bytes, timeout: float, *, splits: Sequence[int] = (), skip: int = 0
+) -> tuple[socket.socket, RawResponse]:
     """Send *wire* as is to ``127.0.0.1:port`` and read the final response's head within
     *timeout* seconds (interim ``1xx`` answers other than ``101`` are skipped). The caller
     closes the socket; it is closed here on error.
 
+    :param splits: offsets at which *wire* is cut into pieces sent ``PIECE_PAUSE`` apart.
+    :param skip: how many whole responses (with a ``Content-Length``) to read past first,
+        the answers to requests pipelined before the one of interest.
     :raises TimeoutError: when no final head came in time.
     :raises StreamClosedError: when the connection closed before it.
     """
     deadline = time.monotonic() + timeout
     sock = socket.create_connection((HOST, port), timeout=timeout)
     try:
-        with contextlib.suppress(OSError):  # the server may answer (400) and close first
-            sock.sendall(wire)
+        start = 0
+        for cut in [*sorted(c for c in splits if 0 < c < len(wire)), len(wire)]:
+            with contextlib.suppress(OSError):  # the server may answer (400) and close first
+                sock.sendall(wire[start:cut])
+            if cut < len(wire):
+                time.sleep(PIECE_PAUSE)
+            start = cut
         pending = b""
-        for _ in range(10):  # a few interim answers at most
-            probe = RawResponse(_Replaying(sock, pending), max(deadline - time.monotonic(), 0.01))  # type: ignore[arg-type]
-            if not 100 <= probe.status < 200 or probe.status == 101:
-                return sock, probe
-            pending = probe.raw_bytes.split(b"\r\n\r\n", 1)[1]
+        for _ in range(10 + skip):  # a few interim answers at most
+            left = max(deadline - time.monotonic(), 0.01)
+            response = RawResponse(_Replaying(sock, pending), left)  # type: ignore[arg-type]
+            if 100 <= response.status < 200 and response.status != 101:
+                pending = response.raw_bytes.split(b"\r\n\r\n", 1)[1]
+            elif skip > 0:
+                skip -= 1
+                response.read_to_end(left)
+                head = response.raw_bytes.index(b"\r\n\r\n") + 4
+                pending = response.raw_bytes[head + len(response.body) :]
+            else:
+                return sock, response
         raise TimeoutError(f"too many interim answers to {wire[:200]!r}")
     except BaseException:
         sock.close()

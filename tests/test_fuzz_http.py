@@ -471,6 +471,16 @@ class Plan:
     extra: list[tuple[str, bytes]] = field(default_factory=list)
     body: bytes = b""
     abrupt_close: bool = False
+    #: A plain request sent before this one on the same connection (keep-alive).
+    pipelined: str | None = None
+    #: Offsets at which the request is cut into pieces sent a moment apart.
+    splits: tuple[int, ...] = ()
+
+    def prefix(self) -> bytes:
+        """The request pipelined before this one, if any."""
+        if self.pipelined is None:
+            return b""
+        return f"GET {self.pipelined} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
 
     def render(self, target: Target) -> bytes:
         """The request's bytes, against *target*'s port and published ids."""
@@ -580,6 +590,10 @@ def plans(draw: st.DrawFn) -> Plan:
         extra=extra,
         body=draw(mostly(b"", st.binary(min_size=1, max_size=64))),
         abrupt_close=draw(st.booleans()),
+        pipelined=draw(mostly(None, st.sampled_from(["/health", "/stream/stats"]), 5)),
+        splits=draw(
+            mostly((), st.lists(st.integers(1, 400), min_size=1, max_size=3).map(tuple), 5)
+        ),
     )
 
 
@@ -682,8 +696,9 @@ def say(text: str) -> None:
         note(text)
 
 
-def check_request(target: Target, plan: Plan, *, settle: bool = False) -> None:
-    """Send one fuzzed request and check everything the module docstring promises.
+def check_request(target: Target, plan: Plan, *, settle: bool = False) -> bool:
+    """Send one fuzzed request and check everything the module docstring promises; return
+    whether it opened a stream.
 
     :param settle: publish the probes only once the reset, when one is expected, came
         (so that a test about ids does not depend on publishing racing the resume).
@@ -691,8 +706,15 @@ def check_request(target: Target, plan: Plan, *, settle: bool = False) -> None:
     wire = plan.render(target)
     say(f"request bytes: {wire!r}")
     where = f"\nrequest bytes: {wire!r}"
+    prefix = plan.prefix()
+    if prefix:
+        say(f"pipelined after: {prefix!r}")
+        where += f" (pipelined after {prefix!r})"
+    splits = [len(prefix) + cut for cut in plan.splits]
     try:
-        sock, response = send_raw(target.server.port, wire, HEAD_TIMEOUT)
+        sock, response = send_raw(
+            target.server.port, prefix + wire, HEAD_TIMEOUT, splits=splits, skip=1 if prefix else 0
+        )
     except StreamClosedError as exc:
         pytest.fail(f"the connection closed without an answer ({exc}){where}")
     except TimeoutError as exc:
@@ -729,6 +751,7 @@ def check_request(target: Target, plan: Plan, *, settle: bool = False) -> None:
     assert pid == target.pid, f"the worker changed ({target.pid} -> {pid}){where}"
     text, target.log_offset = log_since(target.server, target.log_offset)
     assert "Traceback" not in text, f"the server logged an error:\n{text}{where}"
+    return opened
 
 
 def check_stream(
@@ -875,8 +898,8 @@ def test_resume_ids_past_64_bits(
     if target.bus == "redis" and int(seq) >= U64 and int(ms) <= int(newest.split("-")[0]):
         request.applymarker(pytest.mark.xfail(reason=HUGE_ID_STUCK, strict=False))
     literal: IdShape = ("literal", value)
-    check_request(target, Plan(resume=[(b"Last-Event-ID", literal)]), settle=True)
-    check_request(target, Plan(query=[("lastEventId", literal)]), settle=True)
+    assert check_request(target, Plan(resume=[(b"Last-Event-ID", literal)]), settle=True)
+    assert check_request(target, Plan(query=[("lastEventId", literal)]), settle=True)
 
 
 def test_head_answers_like_get(target: Target, request: pytest.FixtureRequest) -> None:
@@ -892,3 +915,18 @@ def test_head_answers_like_get(target: Target, request: pytest.FixtureRequest) -
     assert head.status == get.status == 200
     for name in ("Content-Type", "Cache-Control", "X-Accel-Buffering", "Content-Length"):
         assert head.header(name) == get.header(name), (name, head.headers, get.headers)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        Plan(pipelined="/health"),
+        Plan(pipelined="/stream/stats", query=[("channel", ("pool", "a", False))]),
+        Plan(splits=(3, 17, 40)),
+        Plan(pipelined="/health", splits=(1,), resume=[(b"Last-Event-ID", ("head",))]),
+    ],
+    ids=["after-health", "after-stats", "in-pieces", "after-health-in-pieces-resumed"],
+)
+def test_pipelined_and_fragmented_requests(target: Target, plan: Plan) -> None:
+    """A stream request after another on a kept-alive connection, or sent in pieces."""
+    assert check_request(target, plan)
