@@ -102,6 +102,36 @@ class Outcome:
     errors: list[str] = field(default_factory=list)
 
 
+#: How the subscribers that are not slow resume when they reconnect (see resume_point).
+KINDS = ["steady", "rewind", "ahead", "stranger"]
+
+
+def client_kinds(plan: Plan, rng: random.Random) -> list[str]:
+    return ["slow"] * plan.slow + [rng.choice(KINDS) for _ in range(plan.subscribers - plan.slow)]
+
+
+def resume_point(kind: str, seen: list[str], log: PublishLog, rng: random.Random) -> str | None:
+    """The ``Last-Event-ID`` a client of *kind* reconnects with, having seen *seen*.
+
+    ``steady`` and ``slow`` clients resume from the last event they saw; ``rewind`` ones
+    from a random recent id (one they saw, or any event's: ids are positions in all
+    channels), or none; ``ahead`` ones from the newest id published, which the bus of the
+    answering process may not have delivered yet (as when the client got it from another
+    worker); ``stranger`` ones, every other time, from an id no bus gave out (a reset).
+    """
+    if not seen:
+        return None
+    if kind == "rewind":
+        recent = [entry.id for entry in log.ordered()[-400:]]
+        return rng.choice([None, *seen[-400:], *recent])
+    if kind == "ahead":
+        entries = log.ordered()
+        return entries[-1].id if entries else seen[-1]
+    if kind == "stranger" and rng.random() < 0.5:
+        return rng.choice(STRANGE_IDS)
+    return seen[-1]
+
+
 def choose_channels(rng: random.Random) -> frozenset[str]:
     return frozenset(rng.sample(CHANNELS, rng.choice([1, 1, 2])))
 
@@ -147,16 +177,17 @@ def summarize(bus: str, outcome: Outcome, totals: dict[str, int]) -> None:
 class SocketClient:
     """A subscriber on a raw socket (HTTP/1.0: the body ends when the server closes).
 
-    Its *kind* decides how it behaves: ``steady`` resumes from the last event it saw,
-    ``rewind`` from a random earlier one (or none), ``stranger`` every other time from an
-    id no bus gave out (a reset), ``slow`` stops reading now and then (see
-    :class:`SlowReaders`) and never leaves by itself.
+    Its *kind* decides where it resumes (see :func:`resume_point`); ``slow`` ones stop
+    reading now and then (see :class:`SlowReaders`) and never leave by themselves.
     """
 
-    def __init__(self, name: int, kind: str, port: int, rng: random.Random) -> None:
+    def __init__(
+        self, name: int, kind: str, port: int, log: PublishLog, rng: random.Random
+    ) -> None:
         self.name = name
         self.kind = kind
         self.port = port
+        self.log = log
         self.rng = rng
         self.channels = choose_channels(rng)
         if kind == "slow":
@@ -174,14 +205,7 @@ class SocketClient:
         return self.connections[-1]
 
     def connect(self, selector: selectors.BaseSelector) -> None:
-        last: str | None = None
-        if self.seen:
-            if self.kind == "rewind":
-                last = self.rng.choice([None, *self.seen[-400:]])
-            elif self.kind == "stranger" and self.rng.random() < 0.5:
-                last = self.rng.choice(STRANGE_IDS)
-            else:
-                last = self.seen[-1]
+        last = resume_point(self.kind, self.seen, self.log, self.rng)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if self.kind == "slow":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -274,13 +298,12 @@ def drive_sockets(
 ) -> None:
     """Run the clients until publishing is over and every client caught up (bounded)."""
     rng = random.Random(plan.seed)
-    kinds = ["slow"] * plan.slow + [
-        rng.choice(["steady", "rewind", "stranger"]) for _ in range(plan.subscribers - plan.slow)
-    ]
+    kinds = client_kinds(plan, rng)
     raise_fd_limit(len(kinds) * 4 + 256)
     selector = selectors.DefaultSelector()
     clients = [
-        SocketClient(i, kind, port, random.Random(rng.random())) for i, kind in enumerate(kinds)
+        SocketClient(i, kind, port, outcome.log, random.Random(rng.random()))
+        for i, kind in enumerate(kinds)
     ]
     outcome.clients = clients
     slow = SlowReaders(url, selector, rng)
@@ -437,12 +460,14 @@ def test_greenlets_under_gunicorn(
         request.applymarker(pytest.mark.xfail(reason=RESET_GAP, strict=False))
     plan = Plan()
     outcome = Outcome(PublishLog(), [])
-    sessions = threading.local()
+    local = threading.local()
+    sessions: list[requests.Session] = []
 
     def publish(i: int, channel: str, pad: int) -> None:
-        if not hasattr(sessions, "session"):
-            sessions.session = requests.Session()
-        publish_logged(server.url, outcome.log, f"{i}:" + "x" * pad, channel, sessions.session)
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+            sessions.append(local.session)
+        publish_logged(server.url, outcome.log, f"{i}:" + "x" * pad, channel, local.session)
 
     def revoke(channel: str) -> None:
         response = requests.post(server.url + f"/revoke?channel={channel}", timeout=10)
@@ -468,6 +493,8 @@ def test_greenlets_under_gunicorn(
         stop.set()
         producer.join(timeout=plan.seconds * 6 + 60)
         disruptor.join(timeout=30)
+        for session in sessions:
+            session.close()
     left = wait_streams_closed(server.url, 15)
     totals = requests.get(server.url + "/stream/stats", timeout=5).json()["totals"]
     summarize(bus, outcome, totals)
@@ -503,22 +530,13 @@ class ThreadClient:
         self.connections: list[Connection] = []
         self.seen: list[str] = []
 
-    def resume_from(self) -> str | None:
-        if not self.seen:
-            return None
-        if self.kind == "rewind":
-            return self.rng.choice([None, *self.seen[-400:]])
-        if self.kind == "stranger" and self.rng.random() < 0.5:
-            return self.rng.choice(STRANGE_IDS)
-        return self.seen[-1]
-
     def run(self, done: Callable[[], bool], log: PublishLog, deadline: float) -> None:
         """Connect, read and reconnect until publishing is over and this client caught up."""
         client = self.app.test_client()
         for _ in range(10_000):
             if time.monotonic() > deadline or (done() and not laggards([self], log)):
                 return
-            last = self.resume_from()
+            last = resume_point(self.kind, self.seen, log, self.rng)
             headers = {"Last-Event-ID": last} if last is not None else {}
             response = client.get(
                 f"/stream?{query(self.channels)}", headers=headers, buffered=False
@@ -616,9 +634,7 @@ def test_threads_in_process(
 
     kill = (lambda: kill_receivers(redis_client)) if redis_client is not None else None
     rng = random.Random(plan.seed)
-    kinds = ["slow"] * plan.slow + [
-        rng.choice(["steady", "rewind", "stranger"]) for _ in range(plan.subscribers - plan.slow)
-    ]
+    kinds = client_kinds(plan, rng)
     clients = [ThreadClient(i, k, app, random.Random(rng.random())) for i, k in enumerate(kinds)]
     outcome.clients = clients
     done = threading.Event()
@@ -673,14 +689,14 @@ def test_no_event_is_lost_right_after_a_reset(
     errors: list[str] = []
 
     def publish() -> None:
-        session = requests.Session()
-        try:
-            for i in range(5000):
-                if stop.is_set():
-                    return
-                publish_logged(server.url, log, f"{i}", "c0", session)
-        except Exception as exc:  # reported by the test, not as a thread warning
-            errors.append(repr(exc))
+        with requests.Session() as session:
+            try:
+                for i in range(5000):
+                    if stop.is_set():
+                        return
+                    publish_logged(server.url, log, f"{i}", "c0", session)
+            except Exception as exc:  # reported by the test, not as a thread warning
+                errors.append(repr(exc))
 
     publisher = threading.Thread(target=publish)
     publisher.start()
