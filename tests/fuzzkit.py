@@ -41,9 +41,10 @@ HUGE_ID_STUCK = (
 HEAD_LENGTH = "known defect: HEAD answers Content-Length: 0 while GET is chunked"
 #: Found by these tests.
 RESET_GAP = (
-    "defect found by the stress test: on the Redis bus, events published while a reset is "
-    "being prepared (after _locate read the head, before _place takes the receiver's lock) "
-    "are never delivered: live delivery starts after the receiver's position, not the head"
+    "defect found by the fuzz and stress tests: on the Redis bus, events published while a "
+    "reset is being prepared (after _locate read the head, before _place takes the "
+    "receiver's lock) are never delivered: live delivery starts after the receiver's "
+    "position, not after the reset's head"
 )
 #: Found by these tests.
 FIRST_USE_RACE = (

@@ -9,8 +9,8 @@ with numbers past 2**64, caller-id shaped, real ids and mutations of them), odd 
 For every request:
 
 - an answer comes within ``HEAD_TIMEOUT`` seconds, with a 2xx or 4xx status (never 5xx;
-  501 only for a transfer coding gunicorn does not implement, as RFC 9112 asks); a body
-  that is not a stream ends;
+  501 only for a transfer coding gunicorn does not implement, as RFC 9112 asks); a framed
+  body (length or chunks) that is not a stream ends;
 - a ``200 text/event-stream`` answer to ``GET`` is a live stream: a probe event published
   afterwards on each of its channels (up to three) arrives within ``PROBE_TIMEOUT``
   seconds, or an ``sse-reset`` whose head id covers it; what arrives before is exactly
