@@ -250,10 +250,11 @@ class SSEBlueprint(Blueprint):
 
 def _render(resume: Resume, last_event_id: str | None, dumps: Callable[[Any], str]) -> bytes:
     """The replay, or the reset event, as bytes."""
+    replay = b"".join(resume.replay)
     if resume.reset is not None:
         reason, head_id = resume.reset
-        return reset_event(reason, last_event_id, head_id, dumps)
-    return b"".join(resume.replay)
+        return reset_event(reason, last_event_id, head_id, dumps) + replay
+    return replay
 
 
 def _close_unsent(error: BaseException | None) -> None:

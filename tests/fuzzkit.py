@@ -23,35 +23,14 @@ from typing import Any
 
 import redis
 import requests
-from e2e import APP, CONF, answering
-from helpers import HOST, GunicornServer, RawResponse, start_gunicorn, wait_for
 from sseparse import ParsedEvent
+from support.app import APP, CONF
+from support.gunicorn import GunicornFactory, GunicornServer, answering
+from support.http import RawResponse
+from support.procs import HOST, wait_for
 
 #: Event type of the reset an unresumable ``Last-Event-ID`` gets.
 RESET = "sse-reset"
-
-# Defects these tests meet, named once for the xfail marks (``strict=False``: a fix makes
-# them pass, and the marks can then go).
-#: Known, being fixed elsewhere.
-HUGE_ID_STUCK = (
-    "known defect: a Last-Event-ID like 0-18446744073709551616 (a part >= 2**64, the time "
-    "part not past the head) leaves a Redis stream stuck with keep-alives only"
-)
-#: Known, being fixed elsewhere.
-HEAD_LENGTH = "known defect: HEAD answers Content-Length: 0 while GET is chunked"
-#: Found by these tests.
-RESET_GAP = (
-    "defect found by the fuzz and stress tests: on the Redis bus, events published while a "
-    "reset is being prepared (after _locate read the head, before _place takes the "
-    "receiver's lock) are never delivered: live delivery starts after the receiver's "
-    "position, not after the reset's head"
-)
-#: Found by these tests.
-FIRST_USE_RACE = (
-    "defect found by the stress test: Bus.fanout creates a bus's per-process state "
-    "non-atomically, so concurrent first uses of a bus in threads fail with AttributeError "
-    "(the stream view answers 500, send_event raises)"
-)
 
 _ID_NUMBERS = re.compile(r"(?:[0-9a-f]+|[0-9]+)-([0-9]+)")
 
@@ -62,7 +41,7 @@ def serve_module(log_dir: Path, env: dict[str, str] | None = None, **sse: Any) -
     caller stops the server."""
     full_env = {key: json.dumps(value) for key, value in sse.items()}
     full_env.update(env or {})
-    server = start_gunicorn(APP, log_dir=log_dir, env=full_env, config=CONF)
+    server = GunicornFactory(log_dir)(APP, env=full_env, config=CONF)
     try:
         return answering(server, "/health")
     except BaseException:

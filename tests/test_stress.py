@@ -37,11 +37,8 @@ from typing import Any, cast
 import pytest
 import redis
 import requests
-from e2e import Collector, raise_fd_limit
 from flask import Flask
 from fuzzkit import (
-    FIRST_USE_RACE,
-    RESET_GAP,
     Connection,
     Published,
     PublishLog,
@@ -56,8 +53,10 @@ from fuzzkit import (
     serve_module,
     wait_streams_closed,
 )
-from helpers import HOST, RedisServer, require_redis_server, wait_for
 from sseparse import SSEParser
+from support.clients import Collector
+from support.procs import HOST, raise_nofile_limit, wait_for
+from support.redis_server import RedisServer, require_redis_server
 
 from flask_sse_push import SSEBlueprint, end_streams, get_state, send_event
 
@@ -299,7 +298,7 @@ def drive_sockets(
     """Run the clients until publishing is over and every client caught up (bounded)."""
     rng = random.Random(plan.seed)
     kinds = client_kinds(plan, rng)
-    raise_fd_limit(len(kinds) * 4 + 256)
+    raise_nofile_limit(len(kinds) * 4 + 256)
     selector = selectors.DefaultSelector()
     clients = [
         SocketClient(i, kind, port, outcome.log, random.Random(rng.random()))
@@ -453,11 +452,9 @@ def served(
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_greenlets_under_gunicorn(
-    served: tuple[str, Any, redis.Redis | None], request: pytest.FixtureRequest
+    served: tuple[str, Any, redis.Redis | None],
 ) -> None:
     bus, server, redis_client = served
-    if bus == "redis":
-        request.applymarker(pytest.mark.xfail(reason=RESET_GAP, strict=False))
     plan = Plan()
     outcome = Outcome(PublishLog(), [])
     local = threading.local()
@@ -612,11 +609,9 @@ def in_process(
 
 @pytest.mark.slow
 def test_threads_in_process(
-    in_process: tuple[str, Flask, redis.Redis | None], request: pytest.FixtureRequest
+    in_process: tuple[str, Flask, redis.Redis | None],
 ) -> None:
     bus, app, redis_client = in_process
-    if bus == "redis":
-        request.applymarker(pytest.mark.xfail(reason=RESET_GAP, strict=False))
     plan = Plan()
     outcome = Outcome(PublishLog(), [])
 
@@ -677,13 +672,11 @@ def test_threads_in_process(
 
 @pytest.mark.e2e
 def test_no_event_is_lost_right_after_a_reset(
-    served: tuple[str, Any, redis.Redis | None], request: pytest.FixtureRequest
+    served: tuple[str, Any, redis.Redis | None],
 ) -> None:
     """A resume from an id the bus never gave out gets a reset naming the newest id; every
     event after that id must then arrive, even while events are being published."""
-    bus, server, _ = served
-    if bus == "redis":
-        request.applymarker(pytest.mark.xfail(reason=RESET_GAP, strict=False))
+    _, server, _ = served
     log = PublishLog()
     stop = threading.Event()
     errors: list[str] = []
@@ -736,7 +729,6 @@ def read_after_reset(port: int, last_event_id: str) -> Connection:
 def test_first_use_of_a_bus_from_many_threads(bus: str, request: pytest.FixtureRequest) -> None:
     """The first requests of a fresh app arrive together in threads (Flask's threaded
     server after a start): every one is served."""
-    request.applymarker(pytest.mark.xfail(reason=FIRST_USE_RACE, strict=False))
     url = "memory://"
     if bus == "redis":
         url = request.getfixturevalue("redis_server")().url

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import threading
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -72,8 +73,10 @@ class Reset(NamedTuple):
 class Resume(NamedTuple):
     """What a new subscription gets before live events.
 
-    :param replay: encoded events missed since the client's ``Last-Event-ID``.
-    :param reset: set when replay was impossible.
+    :param replay: encoded events missed since the client's ``Last-Event-ID`` or, after a
+        reset, since the reset's ``head_id`` (events the bus delivered before this
+        subscription was placed).
+    :param reset: set when replay from ``Last-Event-ID`` was impossible.
     :param pending: set instead when the replay must be fetched later (from a remote bus):
         a callable returning the :class:`Resume`, raising :exc:`~flask_sse_push.BusError`
         while the bus is unreachable.
@@ -149,21 +152,33 @@ class Bus(ABC):
         self.name = name
         self._pid: int | None = None
         self._fanout: Fanout | None = None
+        #: The process whose state is complete; set last, so other threads wait for it.
+        self._ready_pid: int | None = None
+        # A plain lock is enough: the state is built without waiting on anything, and under
+        # gevent other threads reach the bus only through its home (see at_home).
+        self._start_lock = threading.RLock()
         #: Called with each subscription ended for being slow (set by the extension).
         self.on_slow: Callable[[Subscription], None] = lambda sub: None
 
     @property
     def fanout(self) -> Fanout:
-        """This process's fan-out, created (with the rest of the state) at first use."""
-        if self._pid != os.getpid() or self._fanout is None:
-            # The fan-out refers back to the bus only weakly: a receiver holding the fan-out
-            # must not keep a discarded app's bus alive.
-            self._fanout = Fanout(
-                concurrency.new_lock(), weak_callback(self._slow), self.settings.keepalive
-            )
-            self._pid = os.getpid()
-            self._start()
-        return self._fanout
+        """This process's fan-out, created (with the rest of the state) at first use; threads
+        arriving meanwhile wait until the state is complete."""
+        pid = os.getpid()
+        fanout = self._fanout
+        if self._ready_pid == pid and fanout is not None:
+            return fanout
+        with self._start_lock:
+            if self._pid != pid or self._fanout is None:
+                # The fan-out refers back to the bus only weakly: a receiver holding the
+                # fan-out must not keep a discarded app's bus alive.
+                self._fanout = Fanout(
+                    concurrency.new_lock(), weak_callback(self._slow), self.settings.keepalive
+                )
+                self._pid = pid
+                self._start()  # may use self.fanout: it is in place already
+                self._ready_pid = pid
+            return self._fanout
 
     def _slow(self, sub: Subscription) -> None:
         self.on_slow(sub)

@@ -72,8 +72,8 @@ class _Resumption:
         self.bus = bus
         self.sub = sub
         self.last_event_id = last_event_id
-        #: The replay's bounds, once live delivery has started.
-        self.span: tuple[Position, Position] | None = None
+        #: The replay's bounds, once live delivery has started, and the reset before it.
+        self.span: tuple[Position, Position, Reset | None] | None = None
 
     def __call__(self) -> Resume:
         try:
@@ -82,7 +82,11 @@ class _Resumption:
                 if isinstance(placed, Resume):
                     return placed
                 self.span = placed
-            return self.bus._replay(self.sub, *self.span)
+            after, upto, reset = self.span
+            replay = self.bus._replay(self.sub, after, upto)
+            if reset is None or replay.reset is not None:
+                return replay
+            return Resume(replay.replay, reset)
         except self.bus.redis.ResponseError as exc:
             # Refused, not unreachable: asking again would be refused again.
             log.error(
@@ -272,9 +276,12 @@ class RedisBus(Bus):
                 self._receiver.waiting.pop(sub, None)
             fanout.remove(sub)
 
-    def _place(self, sub: Subscription, last_event_id: str) -> Resume | tuple[Position, Position]:
+    def _place(
+        self, sub: Subscription, last_event_id: str
+    ) -> Resume | tuple[Position, Position, Reset | None]:
         """Start live delivery to *sub* after *last_event_id*: a :class:`Resume` when there
-        is nothing to replay, else the span of the history to replay.
+        is nothing to replay, else the span of the history to replay (and the reset that
+        goes before it, when the client resumes from the head instead).
 
         The client got *last_event_id* from some process, maybe one whose receiver is ahead
         of this one's. So live delivery starts after whichever is later, the resume point or
@@ -287,17 +294,20 @@ class RedisBus(Bus):
         with receiver.lock:
             cut = receiver.position
             if isinstance(found, Reset):
-                # The client refetches its state as of the head: live delivery starts
-                # after the head, even if this receiver is not there yet.
-                self._start_after(sub, head, cut)
-                return Resume([], found)
+                # The client refetches its state as of the head: it gets what comes after
+                # the head, live once this receiver is there, else replayed up to the cut.
+                if cut <= head:
+                    self._start_after(sub, head, cut)
+                    return Resume([], found)
+                self.fanout.activate(sub)
+                return head, cut, found
             if cut <= found:
                 # The receiver has not read past the resume point yet: it starts this
                 # subscription's delivery when it does.
                 receiver.waiting[sub] = found
                 return Resume([], None)
             self.fanout.activate(sub)
-            return found, cut
+            return found, cut, None
 
     def _start_after(self, sub: Subscription, position: Position, cut: Position) -> None:
         """Deliver to *sub* what comes after *position*. Callers hold the lock."""
