@@ -4,8 +4,8 @@ Use it as is::
 
     gunicorn -c python:flask_sse_push.gunicorn_conf app:app
 
-or import its settings and hooks (``post_worker_init``, ``on_starting``, ``on_reload``) into
-your own configuration file. It selects the gevent
+or import its settings and hooks (``post_worker_init``, ``on_starting``, ``on_reload``,
+``child_exit``) into your own configuration file. It selects the gevent
 worker, raises ``worker_connections`` above ``SSE_MAX_CONNECTIONS`` (gunicorn's default of
 1000 would otherwise cap the streams first and silently queue the rest), and ends every open
 stream as soon as a worker is told to stop (SIGTERM, or a SIGHUP reload), so that the worker
@@ -122,3 +122,15 @@ def post_worker_init(worker: Any) -> None:
             "worker. Run gunicorn with -k gevent.",
             worker.__class__.__name__,
         )
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """gunicorn hook (master): with ``PROMETHEUS_MULTIPROC_DIR`` set, drop the gauges of a
+    worker that exited from the metrics (:confval:`SSE_METRICS_PATH`), so that its streams
+    no longer count as open; its counters stay in the sums."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        try:
+            from prometheus_client import multiprocess
+        except ImportError:
+            return
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

@@ -6,7 +6,7 @@ import logging
 import os
 import weakref
 from collections import Counter
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from flask import Blueprint, Flask, current_app, has_app_context
 
@@ -15,6 +15,9 @@ from .bus import Bus, Subscription, create_bus
 from .bus.base import weak_callback
 from .config import DEFAULTS, SSE_BUS_URL, Settings
 from .errors import BusError, ConfigurationError, NotRegisteredError
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("flask_sse_push")
 
@@ -42,6 +45,13 @@ class SSEState:
         self.bus: Bus = create_bus(self.settings.bus_url, self.settings, app.import_name)
         #: Totals of this process (see :meth:`stats`), counted where each thing happens.
         self.totals: Counter[str] = Counter()
+        #: The Prometheus metrics, when :confval:`SSE_METRICS_PATH` is set (else ``None``,
+        #: and ``prometheus_client`` is never imported).
+        self.metrics: Metrics | None = None
+        if self.settings.metrics_path is not None:
+            from .metrics import Metrics
+
+            self.metrics = self.bus.metrics = Metrics.create()
         self._checked_pid: int | None = None
         # Weakly: the bus's receiver (a greenlet or thread) must not keep a discarded app.
         self._app = weakref.ref(app)
@@ -51,6 +61,8 @@ class SSEState:
 
     def _dropped(self, sub: Subscription) -> None:
         self.totals["dropped"] += 1
+        if self.metrics is not None:
+            self.metrics.dropped()
         app = self._app()
         if app is not None:
             signals.stream_dropped.send(app, channels=sub.channels)

@@ -25,7 +25,7 @@ from ..config import SSE_BUS_URL, Settings
 from ..errors import ConfigurationError
 from ..mailbox import Mailbox
 from ..reasons import EndReason, ResetReason
-from .fanout import Fanout
+from .fanout import Fanout, Observer
 
 BusFactory = Callable[[str, Settings, str], "Bus"]
 
@@ -51,11 +51,14 @@ class Message(NamedTuple):
     :param id: its event id, as written on the wire.
     :param payload: the complete encoded event, ``id:`` line included
         (see :func:`~flask_sse_push.encoding.with_id`).
+    :param time: when it was published (Unix time, seconds) if the bus carried it, for
+        the delivery-lag metric; ``0.0`` means just now, in this process.
     """
 
     channel: str
     id: str
     payload: bytes
+    time: float = 0.0
 
 
 class Reset(NamedTuple):
@@ -151,6 +154,8 @@ class Bus(ABC):
         self._fanout: Fanout | None = None
         #: Called with each subscription ended for being slow (set by the extension).
         self.on_slow: Callable[[Subscription], None] = lambda sub: None
+        #: Told of every delivery when the app has metrics (set by the extension).
+        self.metrics: Observer | None = None
 
     @property
     def fanout(self) -> Fanout:
@@ -161,6 +166,7 @@ class Bus(ABC):
             self._fanout = Fanout(
                 concurrency.new_lock(), weak_callback(self._slow), self.settings.keepalive
             )
+            self._fanout.metrics = self.metrics
             self._pid = os.getpid()
             self._start()
         return self._fanout
