@@ -65,6 +65,7 @@ class SSEBlueprint(Blueprint):
         self._authorize_metrics: StatsHook | None = None
         self.add_url_rule("", "stream", self.stream_view, methods=["GET"])
         self.add_url_rule("/stats", "stats", self.stats_view, methods=["GET"])
+        self.add_url_rule("/health", "health", self.health_view, methods=["GET"])
         self.teardown_request(_close_unsent)
         self.record(self._setup)
 
@@ -230,6 +231,20 @@ class SSEBlueprint(Blueprint):
         if self._authorize_stats is not None and not self._authorize_stats():
             return _plain(403, "not allowed to read the stats")
         return jsonify(state.stats())
+
+    def health_view(self) -> Response:
+        """Whether this process can serve streams and reach its bus, as JSON: ``200``, or
+        ``503`` with the ``problems`` (when :confval:`SSE_HEALTH`; see
+        :meth:`~flask_sse_push.state.SSEState.health`). Not an event stream, so a ``503``
+        stops no browser."""
+        state = get_state()
+        if not state.settings.health:
+            return _plain(404, "the health check is off; set SSE_HEALTH = True to serve it")
+        health = state.health()
+        response = jsonify(health)
+        response.status_code = 200 if health["healthy"] else 503
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     def metrics_view(self) -> Response:
         """The app's Prometheus metrics (at :confval:`SSE_METRICS_PATH`), summed over the

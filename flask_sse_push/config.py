@@ -42,6 +42,8 @@ SSE_SEND_TIMEOUT = "SSE_SEND_TIMEOUT"
 SSE_REDIS_KEY = "SSE_REDIS_KEY"
 #: Serve ``GET <prefix>/stats`` (open streams per channel of the answering process, as JSON).
 SSE_STATS = "SSE_STATS"
+#: Serve ``GET <prefix>/health`` (200 while this process can serve streams, 503 otherwise).
+SSE_HEALTH = "SSE_HEALTH"
 #: Path of the app where Prometheus metrics are served (``None``: no metrics).
 SSE_METRICS_PATH = "SSE_METRICS_PATH"
 
@@ -59,6 +61,7 @@ DEFAULTS: Mapping[str, Any] = {
     SSE_STATS: False,
     SSE_REDIS_KEY: None,
     SSE_SEND_TIMEOUT: 30.0,
+    SSE_HEALTH: True,
     SSE_METRICS_PATH: None,
 }
 
@@ -131,6 +134,7 @@ class Settings:
     :param redis_key: the Redis stream's key, or ``None`` for the default.
     :param send_timeout: seconds a write may stall before the client is dropped, ``0``
         for never.
+    :param health: whether ``<prefix>/health`` is served.
     :param metrics_path: the app's path serving Prometheus metrics, or ``None`` for none.
     """
 
@@ -147,6 +151,7 @@ class Settings:
     stats: bool
     redis_key: str | None
     send_timeout: float
+    health: bool
     metrics_path: str | None
 
     @classmethod
@@ -186,5 +191,6 @@ class Settings:
             stats=bool(config[SSE_STATS]),
             redis_key=_optional_text(config, SSE_REDIS_KEY),
             send_timeout=float(_number(config, SSE_SEND_TIMEOUT, minimum=0, integer=False)),
+            health=bool(config[SSE_HEALTH]),
             metrics_path=_metrics_path(config),
         )

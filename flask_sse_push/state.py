@@ -13,7 +13,7 @@ from flask import Blueprint, Flask, current_app, has_app_context
 from . import concurrency, lifecycle, signals
 from .bus import Bus, Subscription, create_bus
 from .bus.base import weak_callback
-from .config import DEFAULTS, SSE_BUS_URL, Settings
+from .config import DEFAULTS, SSE_BUS_URL, SSE_MAX_CONNECTIONS, Settings
 from .errors import BusError, ConfigurationError, NotRegisteredError
 
 if TYPE_CHECKING:
@@ -113,6 +113,33 @@ class SSEState:
             if cluster is not None:
                 stats["cluster"] = cluster
         return stats
+
+    def health(self) -> dict[str, Any]:
+        """Whether this process can serve new streams (``healthy``) and, if not, why
+        (``problems``): it is shutting down, it holds :confval:`SSE_MAX_CONNECTIONS`
+        streams, or its bus is unreachable (see :meth:`~flask_sse_push.bus.Bus.health`).
+        Also ``pid``, ``bus`` (the scheme), ``streams`` and ``max_streams``; never a
+        channel or a user."""
+        problems: list[str] = []
+        if lifecycle.stopping():
+            problems.append("shutting down")
+        streams = self.bus.stream_count()
+        limit = self.settings.max_streams
+        if streams >= limit:
+            problems.append(
+                f"stream limit reached: {streams} open, {SSE_MAX_CONNECTIONS} = {limit}"
+            )
+        bus_problem = self.bus.health()
+        if bus_problem is not None:
+            problems.append(f"bus unreachable: {bus_problem}")
+        return {
+            "healthy": not problems,
+            "problems": problems,
+            "pid": os.getpid(),
+            "bus": self.settings.bus_url.split("://", 1)[0],
+            "streams": streams,
+            "max_streams": limit,
+        }
 
 
 @overload

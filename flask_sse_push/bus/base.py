@@ -40,6 +40,7 @@ _HOMED = (
     "let_go",
     "channel_counts",
     "cluster_stats",
+    "health",
     "close",
 )
 
@@ -264,6 +265,12 @@ class Bus(ABC):
     def cluster_stats(self) -> dict[str, Any] | None:
         """Open streams of every process sharing this bus, or ``None`` when the bus serves
         only this process."""
+        return None
+
+    def health(self) -> str | None:
+        """Why this process cannot use the bus now, or ``None`` when it can (the answer of
+        ``<prefix>/health``; keep secrets and channel names out of it). A bus serving
+        this process only is always there."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
