@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from support.app import publish as publish_to
 from support.app import serve
@@ -23,7 +24,8 @@ from support.procs import wait_for
 from support.redis_server import RedisFactory
 
 from flask_sse_push import ConfigurationError, PublishError, SSEBlueprint, get_state, send_event
-from flask_sse_push.metrics import SAMPLE_EVERY
+from flask_sse_push.bus import Message, Subscription
+from flask_sse_push.metrics import SAMPLE_EVERY, SAMPLE_STREAMS, Metrics
 from flask_sse_push.testing import EventReader
 
 Maker = Callable[..., tuple[Flask, SSEBlueprint]]
@@ -112,6 +114,28 @@ def test_one_event_in_sample_every_is_sampled(make: Maker) -> None:
             assert len(reader.events(count=1, timeout=10)) == 1
         assert wait_for(lambda: scrape(app)["sse_delivery_lag_seconds_count"] == 2, 5)
     assert scrape(app)["sse_deliveries_total"] == SAMPLE_EVERY + 1
+
+
+@pytest.mark.parametrize(("streams", "step"), [(0, 1), (5, 1), (64, 1), (100, 2), (1000, 16)])
+def test_a_sampled_event_stamps_a_bounded_spread_of_streams(streams: int, step: int) -> None:
+    metrics = Metrics(CollectorRegistry(), multiprocess=False)
+    subs = [Subscription(["a"], 10) for _ in range(streams)]
+
+    def stamped(at: float) -> list[int]:
+        return [i for i, sub in enumerate(subs) if sub.sent == at]
+
+    metrics.delivered(Message("a", "1", b"", time=1000.0), subs)  # the first is sampled
+    assert stamped(1000.0) == list(range(0, streams, step))
+    assert len(stamped(1000.0)) <= SAMPLE_STREAMS
+    for n in range(2, SAMPLE_EVERY + 1):  # not sampled
+        metrics.delivered(Message("a", str(n), b"", time=2000.0 + n), subs)
+    assert len(stamped(0.0)) + len(stamped(1000.0)) == streams
+    if subs:
+        subs[0].sent = 0.0  # its stream wrote the sampled event; the others did not yet
+    metrics.delivered(Message("a", "17", b"", time=3000.0), subs)  # sampled
+    assert stamped(3000.0) == ([0] if subs else [])  # the others keep the older sample
+    samples = parse(generate_latest(metrics.registry).decode())
+    assert samples["sse_deliveries_total"] == streams * (SAMPLE_EVERY + 1)
 
 
 def test_replayed_events_and_resets_by_reason(make: Maker) -> None:
