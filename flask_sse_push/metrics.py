@@ -12,7 +12,7 @@ place that counts calls a method of :class:`Metrics`:
 
 Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` makes ``prometheus_client`` keep every
 worker's values in files of that directory; a scrape reaching any worker then answers the
-sums over all workers (:class:`~prometheus_client.multiprocess.MultiProcessCollector`). Set
+sums over all workers (``prometheus_client``'s ``MultiProcessCollector``). Set
 the variable before the server starts, empty the directory at each start, and call
 :func:`~flask_sse_push.gunicorn_conf.child_exit` from gunicorn's ``child_exit`` hook.
 """
