@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from support.flask_apps import AppFactory
 from support.procs import wait_for
 from support.redis_server import RedisFactory
 
-from flask_sse_push import SSEBlueprint, get_state
+from flask_sse_push import get_state
 from flask_sse_push.bus.redis import RedisBus
 from flask_sse_push.testing import EventReader
 
@@ -23,18 +24,9 @@ Made = Callable[..., Flask]
 
 @pytest.fixture
 def make() -> Iterator[Made]:
-    made: list[Flask] = []
-
-    def factory(**config: Any) -> Flask:
-        app = Flask(__name__)
-        app.config.update({"SSE_KEEPALIVE": 0.2, "SSE_PUBLISH_TIMEOUT": 1, **config})
-        app.register_blueprint(SSEBlueprint(), url_prefix="/stream")
-        made.append(app)
-        return app
-
-    yield factory
-    for app in made:
-        get_state(app).bus.close()
+    factory = AppFactory(SSE_KEEPALIVE=0.2, SSE_PUBLISH_TIMEOUT=1)
+    yield lambda **config: factory(**config)[0]
+    factory.close()
 
 
 def health(app: Flask) -> tuple[int, dict[str, Any]]:

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.app import publish as publish_to
 from support.app import serve
 from support.clients import Crowd
+from support.flask_apps import AppFactory
 from support.gunicorn import GunicornFactory
 from support.procs import wait_for
 from support.redis_server import RedisFactory
@@ -34,27 +35,11 @@ Maker = Callable[..., tuple[Flask, SSEBlueprint]]
 @pytest.fixture
 def make(bus_url: str) -> Iterator[Maker]:
     """Apps with metrics at ``/metrics`` on the backend under test."""
-    made: list[Flask] = []
-
-    def factory(**config: Any) -> tuple[Flask, SSEBlueprint]:
-        app = Flask(__name__)
-        app.config.update(
-            {
-                "SSE_BUS_URL": bus_url,
-                "SSE_KEEPALIVE": 0.2,
-                "SSE_METRICS_PATH": "/metrics",
-                "SSE_PUBLISH_TIMEOUT": 1,
-                **config,
-            }
-        )
-        blueprint = SSEBlueprint()
-        app.register_blueprint(blueprint, url_prefix="/stream")
-        made.append(app)
-        return app, blueprint
-
+    factory = AppFactory(
+        SSE_BUS_URL=bus_url, SSE_KEEPALIVE=0.2, SSE_METRICS_PATH="/metrics", SSE_PUBLISH_TIMEOUT=1
+    )
     yield factory
-    for app in made:
-        get_state(app).bus.close()
+    factory.close()
 
 
 def parse(text: str) -> dict[str, float]:
