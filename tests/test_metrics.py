@@ -274,7 +274,10 @@ def test_four_workers_answer_the_sums(
     )
 
     def metrics() -> dict[str, float]:
-        response = requests.get(server.url + "/metrics", timeout=10)
+        try:
+            response = requests.get(server.url + "/metrics", timeout=10)
+        except requests.RequestException as exc:
+            raise AssertionError(f"{exc}; gunicorn's log:\n{server.log_text()}") from exc
         assert response.status_code == 200, response.text
         return parse(response.text)
 
