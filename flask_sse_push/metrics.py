@@ -12,18 +12,20 @@ place that counts calls a method of :class:`Metrics`:
 
 Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` makes ``prometheus_client`` keep every
 worker's values in files of that directory; a scrape reaching any worker then answers the
-sums over all workers (``prometheus_client``'s ``MultiProcessCollector``). Set
+sums over all workers (as ``prometheus_client``'s ``MultiProcessCollector`` does). Set
 the variable before the server starts, empty the directory at each start, and call
 :func:`~flask_sse_push.gunicorn_conf.child_exit` from gunicorn's ``child_exit`` hook.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import importlib.util
 import itertools
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING
 
 from .config import SSE_METRICS_PATH
@@ -32,6 +34,8 @@ from .reasons import ResetReason
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import Collector
 
     from .bus.base import Message, Subscription
 
@@ -130,13 +134,13 @@ class Metrics:
             )
         from prometheus_client import CollectorRegistry
 
-        registry = CollectorRegistry(auto_describe=True)
-        multiprocess = bool(os.environ.get(MULTIPROC_DIR))
-        if multiprocess:
-            from prometheus_client.multiprocess import MultiProcessCollector
-
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return cls(registry, multiprocess=multiprocess)
+        # Not auto_describe: registering a collector would then collect at once, reading the
+        # other workers' files while the app is made.
+        registry = CollectorRegistry()
+        directory = os.environ.get(MULTIPROC_DIR)
+        if directory:
+            registry.register(_worker_files(directory))
+        return cls(registry, multiprocess=bool(directory))
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The scrape's body and content type, in the format *accept* (the request's
@@ -197,3 +201,31 @@ class Metrics:
     def lag(self, seconds: float) -> None:
         """Observe the delivery lag of a sampled event a stream has just written."""
         self._lag.observe(max(seconds, 0.0))
+
+
+def _worker_files(directory: str) -> Collector:
+    """What ``prometheus_client``'s ``MultiProcessCollector`` collects (the sums over the
+    files of *directory*), minus the files that are still empty.
+
+    A process creates its file before it sizes it, and the collector fails on a file of
+    0 bytes (prometheus/client_python issue 1199): a scrape while a worker starts would
+    answer 500, and a worker killed in between would leave such a file for good.
+    """
+    from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client.registry import Collector
+
+    class WorkerFiles(Collector):
+        def collect(self) -> Iterable[Metric]:
+            files = []
+            for path in glob.glob(os.path.join(directory, "*.db")):
+                with contextlib.suppress(OSError):  # removed meanwhile: a dead worker's
+                    if os.path.getsize(path):
+                        files.append(path)
+            merge = MultiProcessCollector.merge
+            merged: Iterable[Metric] = merge(files)  # type: ignore[no-untyped-call]
+            return merged
+
+        def describe(self) -> Iterable[Metric]:
+            return ()
+
+    return WorkerFiles()

@@ -219,6 +219,43 @@ def test_metrics_are_off_by_default_and_import_nothing() -> None:
     assert done.stdout.split() == ["None", "404", "False"]
 
 
+def test_multiprocess_files_still_empty_are_skipped(tmp_path: Path) -> None:
+    """A worker creates its file before sizing it: a file of 0 bytes (a worker starting, or
+    killed at that moment) neither fails the app's set-up nor the scrape."""
+    for name in ("counter_4242.db", "gauge_livesum_4242.db", "histogram_4243.db"):
+        (tmp_path / name).touch()
+    script = textwrap.dedent(
+        """
+        from flask import Flask
+        from flask_sse_push import SSEBlueprint, send_event
+
+        app = Flask(__name__)
+        app.config["SSE_METRICS_PATH"] = "/metrics"
+        app.register_blueprint(SSEBlueprint(), url_prefix="/stream")
+        with app.app_context():
+            send_event("x")
+        response = app.test_client().get("/metrics")
+        print(response.status_code)
+        print(response.get_data(as_text=True))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    status, text = done.stdout.split("\n", 1)
+    assert status == "200"
+    metrics = parse(text)
+    assert metrics["sse_events_published_total"] == 1
+    assert metrics["sse_open_streams"] == 0
+    assert len(per_worker(metrics)) == 1  # the script's process
+
+
 @pytest.mark.redis
 def test_publish_errors_are_counted(redis_server: RedisFactory) -> None:
     server = redis_server()
@@ -278,7 +315,7 @@ def test_four_workers_answer_the_sums(
             response = requests.get(server.url + "/metrics", timeout=10)
         except requests.RequestException as exc:
             raise AssertionError(f"{exc}; gunicorn's log:\n{server.log_text()}") from exc
-        assert response.status_code == 200, response.text
+        assert response.status_code == 200, f"{response.text}\ngunicorn's log:\n{server.log_text()}"
         return parse(response.text)
 
     crowd = Crowd(server.port, ["/stream?channel=m"] * CLIENTS)
