@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from flask import Response
 
-from . import concurrency, lifecycle, mailbox
+from . import concurrency, lifecycle, mailbox, shutdown
 from .bus.base import Bus, Subscription
 from .encoding import KEEPALIVE, end_comment
 from .errors import BusError
@@ -107,6 +107,7 @@ class StreamBody:
         self._end = weakref.finalize(self, _release_later, self._releases(), on_close)
         self._end.atexit = False
         lifecycle.track_response(self)
+        shutdown.at_first_stream()
 
     def __iter__(self) -> Iterator[bytes]:
         events = self._iteration() if self._iteration is not None else None
@@ -125,21 +126,32 @@ class StreamBody:
     def abort(self) -> None:
         """Cut the connection of a stream that did not end after :meth:`stop`, because its
         client stopped reading and a write is stuck: the write fails at once."""
-        if self._end.alive and self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
+        if self._end.alive:
+            self._hang_up()
 
     def close(self) -> None:
         """End the stream and release it (WSGI servers call this when done).
 
         Safe to call from another thread while the body is being iterated: the waiting
         iteration wakes up and ends.
+
+        A stream that ended for shutdown also hangs up its connection, after the server
+        wrote the last chunk: the server would otherwise keep it open for a next request
+        (gunicorn up to its keep-alive timeout, holding up the exit), which would reach
+        this stopping process instead of a new one.
         """
         self.box.end(EndReason.CLOSED)
+        if self.box.reason is EndReason.SHUTDOWN:
+            self._hang_up()
         # The iteration is left alone: closing it here could run into another thread's
         # next() ("generator already executing"). Woken by end(), it ends by itself, and an
         # iteration nobody reads any more is closed when it is collected.
         self._finish()
+
+    def _hang_up(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
 
     def _finish(self) -> None:
         # detach() is atomic: exactly one caller gets the arguments, whatever the race.

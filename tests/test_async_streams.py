@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -165,7 +166,18 @@ def test_a_job_cancelled_before_it_started_never_runs() -> None:
     async def job() -> None:
         ran.append("ran")
 
-    aio.Job(job()).cancel()  # both calls reach the loop in order: the job never starts
+    # The loop's thread is held up while both calls reach it, so they run in order (a
+    # free loop could otherwise start the job between them, on a busy machine).
+    started, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        started.set()
+        release.wait(5)
+
+    aio.Job(hold())
+    assert started.wait(5)
+    aio.Job(job()).cancel()
+    release.set()
     done: list[str] = []
 
     async def mark() -> None:

@@ -12,7 +12,9 @@ import httpx
 import pytest
 import requests
 from httpx_sse import connect_sse
+from sseparse import parse_all
 from support.app import publish, stats
+from support.http import raw_sse
 from support.procs import free_port, wait_for
 
 TESTS = Path(__file__).parent
@@ -68,3 +70,22 @@ def test_threaded_dev_server_streams_and_cleans_up(dev_server: str) -> None:
     assert events[0].id == first
     # The closed client is noticed at the next keep-alive write at the latest.
     assert wait_for(lambda: stats(dev_server)["connections"] == 0, 10)
+
+
+def test_a_few_streams_start_no_gunicorn_shutdown_watcher(dev_server: str, tmp_path: Path) -> None:
+    """The shutdown watcher belongs to gunicorn's gevent workers: on the development server a
+    few streams at once are served as before, and nothing is started or logged for them."""
+    responses = [raw_sse(dev_server, f"/stream?channel=c{i}", timeout=10) for i in range(3)]
+    try:
+        for response in responses:
+            response.read_body_until(lambda body: b"retry: 3000" in body, 10)
+        assert stats(dev_server)["connections"] == 3
+        for i, response in enumerate(responses):
+            event_id = publish(dev_server, i, channel=f"c{i}")
+            body = response.read_body_until(lambda body: body.endswith(b"\n\n"), 10)
+            assert parse_all(body)[-1].last_event_id == event_id
+    finally:
+        for response in responses:
+            response.close()
+    assert wait_for(lambda: stats(dev_server)["connections"] == 0, 10)
+    assert "flask-sse-push" not in (tmp_path / "flask.log").read_text()

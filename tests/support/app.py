@@ -20,13 +20,15 @@ def serve(
     *,
     workers: int = 1,
     env: dict[str, str] | None = None,
+    config: str | None = CONF,
     **sse: Any,
 ) -> GunicornServer:
-    """Serve the test app under ``gunicorn -k gevent`` with the package's gunicorn config;
-    keyword arguments are ``SSE_*`` settings. Returns once the app answers."""
+    """Serve the test app under ``gunicorn -k gevent`` with the package's gunicorn config
+    (*config*; ``None`` for the bare command); keyword arguments are ``SSE_*`` settings.
+    Returns once the app answers."""
     full_env = {key: json.dumps(value) for key, value in sse.items()}
     full_env.update(env or {})
-    return answering(gunicorn(APP, workers=workers, env=full_env, config=CONF), "/health")
+    return answering(gunicorn(APP, workers=workers, env=full_env, config=config), "/health")
 
 
 def publish(url: str, data: Any, **kwargs: Any) -> str:
