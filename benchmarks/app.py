@@ -10,8 +10,10 @@ Served by ``broadcast.py`` as ``gunicorn -c python:flask_sse_push.gunicorn_conf 
   waits for it and answers ``{"published": ..., "elapsed_s": ..., "max_lag_ms": ...}``.
 
 Environment: ``BENCH_MAX_CONNECTIONS`` (``SSE_MAX_CONNECTIONS``, default 5000),
-``BENCH_KEEPALIVE`` (``SSE_KEEPALIVE``, default 15) and ``SSE_BUS_URL`` (default
-``memory://``; ``--mode redis`` sets ``redis://127.0.0.1:<port>/0``).
+``BENCH_KEEPALIVE`` (``SSE_KEEPALIVE``, default 15), ``SSE_BUS_URL`` (default
+``memory://``; ``--mode redis`` sets ``redis://127.0.0.1:<port>/0``) and ``BENCH_METRICS``
+(``1``: Prometheus metrics at ``/metrics``, with ``PROMETHEUS_MULTIPROC_DIR`` set by
+``--metrics``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def create_app() -> Flask:
     bus_url = os.environ.get("SSE_BUS_URL")
     if bus_url:
         app.config["SSE_BUS_URL"] = bus_url
+    if os.environ.get("BENCH_METRICS") == "1":
+        app.config["SSE_METRICS_PATH"] = "/metrics"
     app.register_blueprint(sse, url_prefix="/stream")
 
     @app.get("/bench/ping")

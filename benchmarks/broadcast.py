@@ -52,6 +52,8 @@ LOG_DIR = BENCH_DIR / "results" / "logs"
 
 #: Targets: CPU per delivery of flask-sse-push at most this many times the bare server's.
 CPU_RATIO_TARGET = 2.0
+#: Target: CPU per delivery with metrics at most this many times the same server's without.
+METRICS_RATIO_TARGET = 1.05
 #: Settle time before reading RSS after the clients are connected.
 RSS_SETTLE_S = 0.5
 #: Lines of a server log that tell of a problem (gunicorn's levels, tracebacks, and the
@@ -75,6 +77,17 @@ class Mode:
     name: str
     describe: Callable[[argparse.Namespace], str]
     build: Callable[[argparse.Namespace], FlaskTarget]
+
+
+def with_metrics(target: FlaskTarget) -> FlaskTarget:
+    """The same server as *target* (sharing its services) with Prometheus metrics on."""
+    return FlaskTarget(
+        workers=target.workers,
+        env=target.env,
+        name=f"{target.name} +metrics",
+        services=target.services,
+        metrics=True,
+    )
 
 
 def _memory_target(args: argparse.Namespace) -> FlaskTarget:
@@ -176,6 +189,8 @@ def run_once(target: Target, args: argparse.Namespace, index: int) -> dict[str, 
         machine_cpu = _busy_seconds(psutil.cpu_times()) - machine_start
         rss_end = target.rss_bytes()
         per_port = client.request({"cmd": "per_port"}, timeout=10)["received"]
+        if isinstance(target, FlaskTarget) and target.metrics:
+            run["metrics"] = target.scrape()
         for service in target.services:
             run.setdefault("redis_clients", {})["after_drain"] = service.client_names()
         run["drain"] = drain
@@ -400,6 +415,19 @@ def render(
                 f"({ratio:.2f}x{extra})"
             )
     for name in flasks:
+        base = name.removesuffix(" +metrics")
+        if base != name and base in summary:
+            ratio = summary[name]["cpu_us_per_delivery"] / summary[base]["cpu_us_per_delivery"]
+            ratio_all = (
+                summary[name]["cpu_us_per_delivery_all"]
+                / (summary[base]["cpu_us_per_delivery_all"])
+            )
+            verdict = "PASS" if ratio <= METRICS_RATIO_TARGET else "FAIL"
+            lines.append(
+                f"- target metrics cost <= {METRICS_RATIO_TARGET - 1:.0%} CPU per delivery, "
+                f"{base}: {verdict} ({ratio:.3f}x, {ratio_all:.3f}x with redis-server)"
+            )
+    for name in flasks:
         lost = summary[name]["lost_total"]
         verdict = "PASS" if lost == 0 else "FAIL"
         lines.append(f"- target zero lost events, {name} (all runs): {verdict} ({lost:.0f})")
@@ -463,6 +491,15 @@ def _notes(run: dict[str, Any]) -> str:
         notes.append("client near 100% CPU")
     if run["other_cpu_util"] > 0.2:
         notes.append(f"other load {run['other_cpu_util']:.1f} cores")
+    metrics = run.get("metrics")
+    if metrics:
+        counted = metrics.get("sse_deliveries_total", 0)
+        if counted != run["received"]:
+            notes.append(f"metrics count {counted:.0f} deliveries, {run['received']} received")
+        samples = metrics.get("sse_delivery_lag_seconds_count", 0)
+        if samples:
+            mean = metrics["sse_delivery_lag_seconds_sum"] / samples * 1000
+            notes.append(f"metrics lag mean {mean:.1f} ms ({samples:.0f} samples)")
     if run["log_problems"]["count"]:
         notes.append(f"server log: {run['log_problems']['count']} problem lines")
     if run.get("package_changed"):
@@ -522,6 +559,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=15.0,
         help="SSE_KEEPALIVE of the Flask app (seconds; 0 turns keep-alives off)",
     )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also run each flask-sse-push server with Prometheus metrics on (multiprocess "
+        "mode), in the same alternation, and report the CPU ratio",
+    )
     parser.add_argument("--connect-timeout", type=float, default=60.0)
     parser.add_argument("--drain-timeout", type=float, default=20.0)
     args = parser.parse_args(argv)
@@ -545,9 +588,9 @@ def _mode_names(args: argparse.Namespace) -> list[str]:
 
 
 def _stop_services(targets: list[Target]) -> None:
-    for target in targets:
-        for service in target.services:
-            service.stop()
+    services = {id(s): s for target in targets for s in target.services}  # shared by +metrics
+    for service in services.values():
+        service.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -562,7 +605,10 @@ def main(argv: list[str] | None = None) -> int:
     package = package_state()
     try:
         for name in _mode_names(args):
-            targets.append(MODES[name].build(args))
+            target = MODES[name].build(args)
+            targets.append(target)
+            if args.metrics:
+                targets.append(with_metrics(target))
         targets.append(BareTarget())
         for index in range(1, args.repeat + 1):
             for target in targets:

@@ -17,9 +17,11 @@ import http.client
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -340,7 +342,9 @@ class Target(ABC):
 
 class FlaskTarget(Target):
     """``benchmarks/app.py`` under gunicorn with the gevent worker and the package's config
-    module; *env* is added to the environment (e.g. ``SSE_BUS_URL``)."""
+    module; *env* is added to the environment (e.g. ``SSE_BUS_URL``). With *metrics* the app
+    serves Prometheus metrics at ``/metrics``, in multiprocess mode on a fresh
+    ``PROMETHEUS_MULTIPROC_DIR`` per start (removed at stop), as in production."""
 
     name = "flask-sse-push"
 
@@ -351,10 +355,13 @@ class FlaskTarget(Target):
         *,
         name: str | None = None,
         services: list[RedisService] | None = None,
+        metrics: bool = False,
     ) -> None:
         super().__init__()
         self.workers = workers
         self.env = dict(env or {})
+        self.metrics = metrics
+        self._metrics_dir: str | None = None
         if name is not None:
             self.name = name
         self.services = list(services or [])
@@ -385,7 +392,39 @@ class FlaskTarget(Target):
             "SSE_WORKER_CONNECTIONS": str(max_connections + 100),
             **self.env,
         }
+        if self.metrics:
+            self._metrics_dir = tempfile.mkdtemp(prefix="sse-bench-metrics-")
+            env.update({"BENCH_METRICS": "1", "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir})
         return argv, env
+
+    def scrape(self) -> dict[str, float]:
+        """The app's metrics (summed over the workers), or ``{}`` without metrics."""
+        if not self.metrics:
+            return {}
+        from prometheus_client.parser import text_string_to_metric_families
+
+        status, text = http_request(self.port, "GET", "/metrics", timeout=10)
+        if status != 200 or not isinstance(text, str):
+            raise RuntimeError(f"{self.name}: /metrics answered {status}")
+        wanted = {
+            "sse_events_published_total",
+            "sse_deliveries_total",
+            "sse_delivery_lag_seconds_count",
+            "sse_delivery_lag_seconds_sum",
+            "sse_slow_clients_dropped_total",
+        }
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name in wanted
+        }
+
+    def stop(self) -> None:
+        super().stop()
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._metrics_dir = None
 
     def expected_workers(self) -> int:
         return self.workers

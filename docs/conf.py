@@ -68,4 +68,7 @@ nitpick_ignore = [
     ("py:class", "socket.socket"),
     # redis-py, an optional extra
     ("py:class", "redis.Redis"),
+    # prometheus_client, an optional extra, imported by flask_sse_push.metrics only under
+    # TYPE_CHECKING for its annotations
+    ("py:class", "CollectorRegistry"),
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.globals import app_ctx, request_ctx
@@ -18,6 +18,9 @@ from .errors import ConfigurationError
 from .publish import check_channel
 from .state import EXTENSION_KEY, SSEState, get_state
 from .stream import BusStream, client_socket, event_stream_response
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 AuthorizeHook = Callable[[str], bool]
 IdentifyHook = Callable[[], object]
@@ -59,8 +62,10 @@ class SSEBlueprint(Blueprint):
         self._identify: IdentifyHook | None = None
         self._on_connect: list[ConnectHook] = []
         self._authorize_stats: StatsHook | None = None
+        self._authorize_metrics: StatsHook | None = None
         self.add_url_rule("", "stream", self.stream_view, methods=["GET"])
         self.add_url_rule("/stats", "stats", self.stats_view, methods=["GET"])
+        self.add_url_rule("/health", "health", self.health_view, methods=["GET"])
         self.teardown_request(_close_unsent)
         self.record(self._setup)
 
@@ -76,7 +81,11 @@ class SSEBlueprint(Blueprint):
     def _setup(self, state: BlueprintSetupState) -> None:
         if not isinstance(state.app, Flask):
             raise ConfigurationError("flask-sse-push needs a flask.Flask app")
-        state.app.extensions[EXTENSION_KEY] = SSEState(state.app, self)
+        sse_state = state.app.extensions[EXTENSION_KEY] = SSEState(state.app, self)
+        path = sse_state.settings.metrics_path
+        if path is not None:
+            # On the app, not under the prefix: scrapers look for /metrics.
+            state.app.add_url_rule(path, f"{self.name}.metrics", self.metrics_view, methods=["GET"])
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -100,6 +109,14 @@ class SSEBlueprint(Blueprint):
         false answer refuses it with 403. The stats name every open channel, private ones
         included, so guard them unless every channel is public."""
         self._authorize_stats = func
+        return func
+
+    def authorize_metrics(self, func: F) -> F:
+        """Register ``func() -> bool``, called inside each request for the metrics
+        (:confval:`SSE_METRICS_PATH`); a false answer refuses it with 403. The metrics
+        name no channel and no user, but tell how busy the service is: guard them unless
+        only your monitoring can reach the path."""
+        self._authorize_metrics = func
         return func
 
     def on_connect(self, func: F) -> F:
@@ -171,12 +188,16 @@ class SSEBlueprint(Blueprint):
         dumps = app.json.dumps
         head = stream_head(settings.retry)
         catch_up: Callable[[], bytes] | None = None
+        metrics = state.metrics
         try:
             if resume.pending is None:
-                head += _render(resume, last_event_id, dumps) + self._initial(sub, dumps)
+                head += _render(resume, last_event_id, dumps, metrics)
+                head += self._initial(sub, dumps)
             else:
-                catch_up = self._catch_up(sub, resume.pending, last_event_id, dumps)
+                catch_up = self._catch_up(sub, resume.pending, last_event_id, dumps, metrics)
             state.totals["opened"] += 1
+            if metrics is not None:
+                metrics.opened()
             signals.stream_opened.send(app, channels=sub.channels)
         except BaseException:
             bus.unsubscribe(sub)
@@ -184,6 +205,8 @@ class SSEBlueprint(Blueprint):
 
         def closed() -> None:
             state.totals["closed"] += 1
+            if metrics is not None:
+                metrics.closed()
             signals.stream_closed.send(app, channels=sub.channels, reason=sub.reason)
 
         stream = BusStream(
@@ -195,6 +218,7 @@ class SSEBlueprint(Blueprint):
             max_lifetime=settings.max_lifetime,
             on_close=closed,
             sock=client_socket(request.environ, settings.send_timeout),
+            lag=None if metrics is None else metrics.lag,
         )
         setattr(g, _STREAM, stream)
         return event_stream_response(stream)
@@ -208,12 +232,38 @@ class SSEBlueprint(Blueprint):
             return _plain(403, "not allowed to read the stats")
         return jsonify(state.stats())
 
+    def health_view(self) -> Response:
+        """Whether this process can serve streams and reach its bus, as JSON: ``200``, or
+        ``503`` with the ``problems`` (when :confval:`SSE_HEALTH`; see
+        :meth:`~flask_sse_push.state.SSEState.health`). Not an event stream, so a ``503``
+        stops no browser."""
+        state = get_state()
+        if not state.settings.health:
+            return _plain(404, "the health check is off; set SSE_HEALTH = True to serve it")
+        health = state.health()
+        response = jsonify(health)
+        response.status_code = 200 if health["healthy"] else 503
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def metrics_view(self) -> Response:
+        """The app's Prometheus metrics (at :confval:`SSE_METRICS_PATH`), summed over the
+        processes in ``prometheus_client``'s multiprocess mode."""
+        metrics = get_state().metrics
+        if metrics is None:  # pragma: no cover - the route exists only with metrics
+            return _plain(404, "metrics are off; set SSE_METRICS_PATH to serve them")
+        if self._authorize_metrics is not None and not self._authorize_metrics():
+            return _plain(403, "not allowed to read the metrics")
+        body, content_type = metrics.exposition(request.headers.get("Accept"))
+        return Response(body, content_type=content_type)
+
     def _catch_up(
         self,
         sub: Subscription,
         pending: Callable[[], Resume],
         last_event_id: str | None,
         dumps: Callable[[Any], str],
+        metrics: Metrics | None,
     ) -> Callable[[], bytes]:
         """What a stream whose replay is read later writes first: the replay, then the
         on_connect state, taken after the replay was read, in the request's contexts."""
@@ -223,7 +273,7 @@ class SSEBlueprint(Blueprint):
         ]
 
         def catch_up() -> bytes:
-            replay = _render(pending(), last_event_id, dumps)
+            replay = _render(pending(), last_event_id, dumps, metrics)
             if not self._on_connect:
                 return replay
             app_context, request_context = contexts
@@ -248,8 +298,15 @@ class SSEBlueprint(Blueprint):
         return b"".join(parts)
 
 
-def _render(resume: Resume, last_event_id: str | None, dumps: Callable[[Any], str]) -> bytes:
+def _render(
+    resume: Resume,
+    last_event_id: str | None,
+    dumps: Callable[[Any], str],
+    metrics: Metrics | None,
+) -> bytes:
     """The replay, or the reset event, as bytes."""
+    if metrics is not None:
+        metrics.resumed(len(resume.replay), resume.reset and resume.reset.reason)
     replay = b"".join(resume.replay)
     if resume.reset is not None:
         reason, head_id = resume.reset

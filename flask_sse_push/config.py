@@ -42,6 +42,10 @@ SSE_SEND_TIMEOUT = "SSE_SEND_TIMEOUT"
 SSE_REDIS_KEY = "SSE_REDIS_KEY"
 #: Serve ``GET <prefix>/stats`` (open streams per channel of the answering process, as JSON).
 SSE_STATS = "SSE_STATS"
+#: Serve ``GET <prefix>/health`` (200 while this process can serve streams, 503 otherwise).
+SSE_HEALTH = "SSE_HEALTH"
+#: Path of the app where Prometheus metrics are served (``None``: no metrics).
+SSE_METRICS_PATH = "SSE_METRICS_PATH"
 
 DEFAULTS: Mapping[str, Any] = {
     SSE_KEEPALIVE: 15.0,
@@ -57,6 +61,8 @@ DEFAULTS: Mapping[str, Any] = {
     SSE_STATS: False,
     SSE_REDIS_KEY: None,
     SSE_SEND_TIMEOUT: 30.0,
+    SSE_HEALTH: True,
+    SSE_METRICS_PATH: None,
 }
 
 #: Channel names: 1 to 128 characters out of letters, digits and ``_-.:@/``.
@@ -100,6 +106,16 @@ def _optional_text(config: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _metrics_path(config: Mapping[str, Any]) -> str | None:
+    value = config[SSE_METRICS_PATH]
+    if value is not None and (not isinstance(value, str) or not value.startswith("/")):
+        raise ConfigurationError(
+            f"{SSE_METRICS_PATH} must be None (no metrics) or a path starting with '/', such "
+            f"as '/metrics'; got {value!r}"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """The extension's settings for one app, read once when the blueprint is registered.
@@ -118,6 +134,8 @@ class Settings:
     :param redis_key: the Redis stream's key, or ``None`` for the default.
     :param send_timeout: seconds a write may stall before the client is dropped, ``0``
         for never.
+    :param health: whether ``<prefix>/health`` is served.
+    :param metrics_path: the app's path serving Prometheus metrics, or ``None`` for none.
     """
 
     keepalive: float
@@ -133,6 +151,8 @@ class Settings:
     stats: bool
     redis_key: str | None
     send_timeout: float
+    health: bool
+    metrics_path: str | None
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -171,4 +191,6 @@ class Settings:
             stats=bool(config[SSE_STATS]),
             redis_key=_optional_text(config, SSE_REDIS_KEY),
             send_timeout=float(_number(config, SSE_SEND_TIMEOUT, minimum=0, integer=False)),
+            health=bool(config[SSE_HEALTH]),
+            metrics_path=_metrics_path(config),
         )

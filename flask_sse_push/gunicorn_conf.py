@@ -4,15 +4,15 @@ Use it as is::
 
     gunicorn -c python:flask_sse_push.gunicorn_conf app:app
 
-or import its settings and hooks (``post_worker_init``, ``on_starting``, ``on_reload``) into
-your own configuration file. It selects the gevent worker, raises ``worker_connections``
-above ``SSE_MAX_CONNECTIONS`` (gunicorn's default of 1000 would otherwise cap the streams
-first and silently queue the rest), checks these settings when each worker boots, and
-starts the worker's shutdown watcher (:mod:`flask_sse_push.shutdown`) right away: every open
-stream ends as soon as the worker is told to stop (SIGTERM, or a SIGHUP reload), so that
-the worker exits within a second or two instead of after ``graceful_timeout`` and the
-clients reconnect to the new workers at once. Without the module, the first stream of a
-gevent worker starts the same watcher.
+or import its settings and hooks (``post_worker_init``, ``on_starting``, ``on_reload``,
+``child_exit``) into your own configuration file. It selects the gevent worker, raises
+``worker_connections`` above ``SSE_MAX_CONNECTIONS`` (gunicorn's default of 1000 would
+otherwise cap the streams first and silently queue the rest), checks these settings when
+each worker boots, and starts the worker's shutdown watcher (:mod:`flask_sse_push.shutdown`)
+right away: every open stream ends as soon as the worker is told to stop (SIGTERM, or a
+SIGHUP reload), so that the worker exits within a second or two instead of after
+``graceful_timeout`` and the clients reconnect to the new workers at once. Without the
+module, the first stream of a gevent worker starts the same watcher.
 
 Environment variables: ``SSE_WORKER_CONNECTIONS`` (default 2000), ``GUNICORN_WORKERS``
 (default 1), ``GUNICORN_BIND`` (default ``127.0.0.1:8000``).
@@ -84,3 +84,15 @@ def post_worker_init(worker: Any) -> None:
     warning = not_gevent_warning(worker)
     if warning is not None:
         log.warning(warning)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """gunicorn hook (master): with ``PROMETHEUS_MULTIPROC_DIR`` set, drop the gauges of a
+    worker that exited from the metrics (:confval:`SSE_METRICS_PATH`), so that its streams
+    no longer count as open; its counters stay in the sums."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        try:
+            from prometheus_client import multiprocess
+        except ImportError:
+            return
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

@@ -29,7 +29,7 @@ class Mailbox:
     :param limit: how many events may wait.
     """
 
-    __slots__ = ("__weakref__", "_final", "_items", "_limit", "_wake", "active", "reason")
+    __slots__ = ("__weakref__", "_final", "_items", "_limit", "_wake", "active", "reason", "sent")
 
     def __init__(self, limit: int) -> None:
         #: ``None`` while open; why it ended otherwise.
@@ -40,6 +40,9 @@ class Mailbox:
         self._wake = concurrency.new_event()
         #: Whether anything was put since the keep-alive sweeper last looked.
         self.active = False
+        #: Publish time of a queued event sampled for the delivery-lag metric (``0.0``:
+        #: none); the stream observes the lag once it has written the event.
+        self.sent = 0.0
 
     def __len__(self) -> int:
         return len(self._items)

@@ -9,6 +9,7 @@ from flask import Flask, current_app
 from . import concurrency, signals
 from .config import CHANNEL_RE
 from .encoding import check_field, check_id, check_retry, data_text, encode_body
+from .errors import PublishError
 from .reasons import EndReason
 from .state import get_state
 
@@ -68,8 +69,16 @@ def send_event(
     if retry is not None:
         retry = check_retry(retry)
     body = encode_body(data_text(data, app.json.dumps), kind, retry)
-    event_id = state.bus.publish(channel, body, event_id)
+    metrics = state.metrics
+    try:
+        event_id = state.bus.publish(channel, body, event_id)
+    except PublishError:
+        if metrics is not None:
+            metrics.publish_failed()
+        raise
     state.totals["published"] += 1
+    if metrics is not None:
+        metrics.published()
     # Let the streams write what was queued before this greenlet goes on: under gevent a
     # tight loop of publishes would otherwise fill every queue before any stream ran.
     concurrency.cooperate()

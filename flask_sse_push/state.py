@@ -6,15 +6,18 @@ import logging
 import os
 import weakref
 from collections import Counter
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from flask import Blueprint, Flask, current_app, has_app_context
 
 from . import concurrency, lifecycle, signals
 from .bus import Bus, Subscription, create_bus
 from .bus.base import weak_callback
-from .config import DEFAULTS, SSE_BUS_URL, Settings
+from .config import DEFAULTS, SSE_BUS_URL, SSE_MAX_CONNECTIONS, Settings
 from .errors import BusError, ConfigurationError, NotRegisteredError
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("flask_sse_push")
 
@@ -42,6 +45,13 @@ class SSEState:
         self.bus: Bus = create_bus(self.settings.bus_url, self.settings, app.import_name)
         #: Totals of this process (see :meth:`stats`), counted where each thing happens.
         self.totals: Counter[str] = Counter()
+        #: The Prometheus metrics, when :confval:`SSE_METRICS_PATH` is set (else ``None``,
+        #: and ``prometheus_client`` is never imported).
+        self.metrics: Metrics | None = None
+        if self.settings.metrics_path is not None:
+            from .metrics import Metrics
+
+            self.metrics = self.bus.metrics = Metrics.create()
         self._checked_pid: int | None = None
         # Weakly: the bus's receiver (a greenlet or thread) must not keep a discarded app.
         self._app = weakref.ref(app)
@@ -51,6 +61,8 @@ class SSEState:
 
     def _dropped(self, sub: Subscription) -> None:
         self.totals["dropped"] += 1
+        if self.metrics is not None:
+            self.metrics.dropped()
         app = self._app()
         if app is not None:
             signals.stream_dropped.send(app, channels=sub.channels)
@@ -101,6 +113,33 @@ class SSEState:
             if cluster is not None:
                 stats["cluster"] = cluster
         return stats
+
+    def health(self) -> dict[str, Any]:
+        """Whether this process can serve new streams (``healthy``) and, if not, why
+        (``problems``): it is shutting down, it holds :confval:`SSE_MAX_CONNECTIONS`
+        streams, or its bus is unreachable (see :meth:`~flask_sse_push.bus.Bus.health`).
+        Also ``pid``, ``bus`` (the scheme), ``streams`` and ``max_streams``; never a
+        channel or a user."""
+        problems: list[str] = []
+        if lifecycle.stopping():
+            problems.append("shutting down")
+        streams = self.bus.stream_count()
+        limit = self.settings.max_streams
+        if streams >= limit:
+            problems.append(
+                f"stream limit reached: {streams} open, {SSE_MAX_CONNECTIONS} = {limit}"
+            )
+        bus_problem = self.bus.health()
+        if bus_problem is not None:
+            problems.append(f"bus unreachable: {bus_problem}")
+        return {
+            "healthy": not problems,
+            "problems": problems,
+            "pid": os.getpid(),
+            "bus": self.settings.bus_url.split("://", 1)[0],
+            "streams": streams,
+            "max_streams": limit,
+        }
 
 
 @overload

@@ -83,6 +83,8 @@ class StreamBody:
     :param keepalive: seconds of silence before a keep-alive comment (``0``: never).
     :param sock: the client's socket, cut by :meth:`abort`.
     :param on_close: called once when the stream is over.
+    :param lag: called with the seconds from publishing to writing of each sampled event
+        (see :attr:`Mailbox.sent <flask_sse_push.mailbox.Mailbox.sent>`).
     """
 
     def __init__(
@@ -93,11 +95,13 @@ class StreamBody:
         keepalive: float,
         sock: socket.socket | None = None,
         on_close: Callable[[], None] | None = None,
+        lag: Callable[[float], None] | None = None,
     ) -> None:
         self.box = box
         self._head = head
         self._keepalive = keepalive
         self._sock = sock
+        self._lag = lag
         # The running iteration holds the body; the body holds it only weakly.
         self._iteration: weakref.ref[Generator[bytes, None, None]] | None = None
         self._end = weakref.finalize(self, _release_later, self._releases(), on_close)
@@ -180,7 +184,12 @@ class StreamBody:
             while True:
                 data = box.take(self._timeout())
                 if data:
+                    sent = box.sent  # 0.0 unless a sampled event is among them (metrics)
+                    if sent:
+                        box.sent = 0.0
                     yield data
+                    if sent and self._lag is not None:
+                        self._lag(time.time() - sent)  # written: the server asks for more
                 elif data is None:
                     if box.reason is not EndReason.DONE:
                         yield end_comment(str(box.reason))

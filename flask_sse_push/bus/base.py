@@ -26,7 +26,7 @@ from ..config import SSE_BUS_URL, Settings
 from ..errors import ConfigurationError
 from ..mailbox import Mailbox
 from ..reasons import EndReason, ResetReason
-from .fanout import Fanout
+from .fanout import Fanout, Observer
 
 BusFactory = Callable[[str, Settings, str], "Bus"]
 
@@ -41,6 +41,7 @@ _HOMED = (
     "let_go",
     "channel_counts",
     "cluster_stats",
+    "health",
     "close",
 )
 
@@ -52,11 +53,14 @@ class Message(NamedTuple):
     :param id: its event id, as written on the wire.
     :param payload: the complete encoded event, ``id:`` line included
         (see :func:`~flask_sse_push.encoding.with_id`).
+    :param time: when it was published (Unix time, seconds) if the bus carried it, for
+        the delivery-lag metric; ``0.0`` means just now, in this process.
     """
 
     channel: str
     id: str
     payload: bytes
+    time: float = 0.0
 
 
 class Reset(NamedTuple):
@@ -159,6 +163,8 @@ class Bus(ABC):
         self._start_lock = threading.RLock()
         #: Called with each subscription ended for being slow (set by the extension).
         self.on_slow: Callable[[Subscription], None] = lambda sub: None
+        #: Told of every delivery when the app has metrics (set by the extension).
+        self.metrics: Observer | None = None
 
     @property
     def fanout(self) -> Fanout:
@@ -175,6 +181,7 @@ class Bus(ABC):
                 self._fanout = Fanout(
                     concurrency.new_lock(), weak_callback(self._slow), self.settings.keepalive
                 )
+                self._fanout.metrics = self.metrics
                 self._pid = pid
                 self._start()  # may use self.fanout: it is in place already
                 self._ready_pid = pid
@@ -273,6 +280,12 @@ class Bus(ABC):
     def cluster_stats(self) -> dict[str, Any] | None:
         """Open streams of every process sharing this bus, or ``None`` when the bus serves
         only this process."""
+        return None
+
+    def health(self) -> str | None:
+        """Why this process cannot use the bus now, or ``None`` when it can (the answer of
+        ``<prefix>/health``; keep secrets and channel names out of it). A bus serving
+        this process only is always there."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

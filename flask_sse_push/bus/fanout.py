@@ -8,8 +8,8 @@ subscription of its channel.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import mailbox
 from ..reasons import EndReason
@@ -18,6 +18,13 @@ if TYPE_CHECKING:
     from .base import Message, Subscription
 
 log = logging.getLogger("flask_sse_push")
+
+
+class Observer(Protocol):
+    """What watches the deliveries (the app's :class:`~flask_sse_push.metrics.Metrics`)."""
+
+    def delivered(self, message: Message, subs: Collection[Subscription]) -> None:
+        """*message* was queued for *subs*; called once per event, with the lock held."""
 
 
 class Fanout:
@@ -38,6 +45,8 @@ class Fanout:
         self._all: set[Subscription] = set()
         self._keepalive = keepalive
         self._held = 0
+        #: Told of each event delivered, when the app has metrics.
+        self.metrics: Observer | None = None
 
     def __len__(self) -> int:
         return len(self._all)
@@ -103,6 +112,8 @@ class Fanout:
                 self._on_slow(sub)
             except Exception:  # a receiver's bug must not break delivery to others
                 log.exception("flask-sse-push: a stream_dropped receiver failed")
+        if self.metrics is not None:  # once per event: never a metric per subscription
+            self.metrics.delivered(message, subs)
 
     def end(self, reason: EndReason, predicate: Callable[[Subscription], bool]) -> int:
         """End and remove every subscription *predicate* selects; return how many.

@@ -339,6 +339,21 @@ class RedisBus(Bus):
         except self.redis.RedisError as exc:
             raise BusError(f"could not read stream counts from Redis: {exc}") from exc
 
+    def health(self) -> str | None:
+        """``None`` while Redis answers ``PING`` within :confval:`SSE_PUBLISH_TIMEOUT` and
+        this process's receiver, once started, is connected; else why not."""
+        client = self._client
+        try:
+            client.ping()
+        except self.redis.RedisError as exc:
+            return (
+                f"Redis did not answer PING within {self.options.timeout:g} s "
+                f"({type(exc).__name__})"
+            )
+        if self._receiver is not None and not self._receiver.connected:
+            return "the Redis receiver of this process is not connected"
+        return None
+
     def close(self) -> None:
         """Stop the receiver (within a second) and close the connections of this process."""
         if self._pid != os.getpid():

@@ -243,6 +243,8 @@ class Receiver:
                         self._advance(fanout, entry)
                 else:
                     message = bus.message(entry, fields)
+                    if fanout.metrics is not None:  # the entry id starts with its time in ms
+                        message = message._replace(time=int(entry.partition(b"-")[0]) / 1000)
                     with self.lock:
                         self._advance(fanout, entry)
                         fanout.deliver(message)

@@ -6,6 +6,7 @@
 - :mod:`support.redis_server`: throwaway ``redis-server`` processes.
 - :mod:`support.clients`: stream readers built on raw sockets (one, many, reconnecting).
 - :mod:`support.app`: serving the test app (``apps.streaming``) and calling its routes.
+- :mod:`support.flask_apps`: apps made in the test process, their buses closed after.
 - :mod:`support.nginx`: nginx with the shipped site configuration in front of gunicorn.
 - :mod:`support.tls`: a throwaway self-signed certificate.
 - :mod:`support.browser`: Debian's Chromium, headless, through Playwright.
