@@ -7,8 +7,10 @@ wall-clock time, and every process is signalled by its own pid (never by name), 
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -26,6 +28,7 @@ __all__ = [
     "raise_nofile_limit",
     "read_log",
     "stop_each",
+    "terminate",
     "wait_for",
 ]
 
@@ -132,6 +135,23 @@ def descendants(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         return []
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """Stop a child process with SIGTERM, and SIGKILL after *timeout* seconds.
+
+    :param proc: The child (no-op if it has exited).
+    :param timeout: Seconds to wait before SIGKILL.
+    """
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def stop_each(stoppers: Iterable[Callable[[], object]]) -> None:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from signal import SIGTERM
 
 import redis
 import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from support.procs import HOST, free_port, read_log, stop_each, wait_for
+from support.procs import HOST, free_port, read_log, stop_each, terminate, wait_for
 
 __all__ = [
     "REDIS_MISSING_MESSAGE",
@@ -65,7 +65,11 @@ class RedisServer:
     """
 
     def __init__(
-        self, work_dir: Path, port: int | None = None, executable: str | None = None
+        self,
+        work_dir: Path,
+        port: int | None = None,
+        executable: str | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         """Prepare (but do not start) a server.
 
@@ -73,6 +77,7 @@ class RedisServer:
         :param port: Port to use; a free one by default.
         :param executable: Path of ``redis-server``; looked up on ``PATH``
             by default.
+        :param args: More command-line options (``--replicaof ...``).
         :raises FileNotFoundError: If ``redis-server`` cannot be found.
         """
         exe = executable or redis_server_executable()
@@ -84,6 +89,7 @@ class RedisServer:
         self.url = f"redis://{HOST}:{self.port}/0"
         self.log_path = work_dir / f"redis-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.args = list(args)
         self._clients: list[redis.Redis] = []
 
     def log_text(self) -> str:
@@ -136,6 +142,7 @@ class RedisServer:
             "no",
             "--protected-mode",
             "no",
+            *self.args,
         ]
         with open(self.log_path, "ab") as log_file:
             proc = subprocess.Popen(
@@ -167,16 +174,16 @@ class RedisServer:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            try:
-                proc.send_signal(SIGTERM)
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            except ProcessLookupError:
-                proc.wait(timeout=10)
+        terminate(proc, timeout)
         self.proc = None
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would; no-op if it is not running."""
+        self.close_clients()
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
     def running(self) -> bool:
         """Tell whether the server process is running.
