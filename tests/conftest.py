@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from support.app import Apps
 from support.gunicorn import GunicornFactory
 from support.nginx import NginxFactory, require_nginx
 from support.redis_server import RedisFactory, RedisServer, require_redis_server
@@ -82,6 +83,15 @@ def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxFactory]:
     factory = NginxFactory(tmp_path_factory.mktemp("nginx"), require_nginx())
     yield factory
     factory.stop_all()
+
+
+@pytest.fixture
+def apps() -> Iterator[Apps]:
+    """Make apps in the test process, each with a bus of its own (see
+    :class:`support.app.Apps`); their buses are closed at the end."""
+    made = Apps()
+    yield made
+    made.close()
 
 
 @pytest.fixture(scope="session")

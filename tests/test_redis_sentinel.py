@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator
 import pytest
 from flask import Flask
 from support.app import Apps
-from support.failover import Failover, bus_of
+from support.failover import Failover, block_replication, bus_of
 from support.redis_ha import (
     SENTINEL_MISSING_MESSAGE,
+    Deployments,
     SentinelSet,
     ask,
     redis_sentinel_executable,
@@ -35,26 +36,14 @@ def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[in
         if "CI" in os.environ:
             pytest.fail(SENTINEL_MISSING_MESSAGE, pytrace=False)
         pytest.skip(SENTINEL_MISSING_MESSAGE)
-    made: list[SentinelSet] = []
+    started = Deployments()
 
     def start(replicas: int) -> SentinelSet:
-        deployment = SentinelSet(
-            tmp_path_factory.mktemp("sentinel"), redis_exe, sentinel_exe, replicas
-        )
-        made.append(deployment)
-        return deployment.start()
+        work_dir = tmp_path_factory.mktemp("sentinel")
+        return started(SentinelSet(work_dir, redis_exe, sentinel_exe, replicas))
 
     yield start
-    for deployment in made:
-        deployment.stop()
-
-
-@pytest.fixture
-def make() -> Iterator[Apps]:
-    """Build apps (each with its own bus: its own receiver); their buses are closed."""
-    apps = Apps()
-    yield apps
-    apps.close()
+    started.stop()
 
 
 # -- the URL ---------------------------------------------------------------------------------
@@ -109,26 +98,15 @@ def test_bad_wait_settings_are_refused(key: str, value: object) -> None:
 
 
 def test_publish_and_stream_through_sentinel(
-    sentinels: Callable[[int], SentinelSet], make: Apps
+    sentinels: Callable[[int], SentinelSet], apps: Apps
 ) -> None:
     deployment = sentinels(1)
-    app = make(deployment.url)
+    app = apps(deployment.url)
     with EventReader(app.test_client().get("/stream?channel=a", buffered=False)) as reader:
         with app.app_context():
             event_id = send_event("hello", channel="a")
         assert [(e.data, e.id) for e in reader.events(count=1, timeout=10)] == [("hello", event_id)]
     assert ask(deployment.primary.port, "XLEN", bus_of(app).key) == 1
-
-
-def _block_replication(port: int) -> Callable[[], None]:
-    """Cut the primary on *port* from its replicas, which cannot sync again (PSYNC is
-    denied): what it acknowledges from then on exists nowhere else."""
-
-    def block() -> None:
-        assert ask(port, "ACL", "SETUSER", "default", "-psync", "-sync") == b"OK"
-        assert ask(port, "CLIENT", "KILL", "TYPE", "replica")
-
-    return block
 
 
 def _failover(deployment: SentinelSet, apps: list[Flask], block: bool) -> Failover:
@@ -139,7 +117,7 @@ def _failover(deployment: SentinelSet, apps: list[Flask], block: bool) -> Failov
         scenario.run(
             kill=old.kill,
             switched=lambda: deployment.primary_port() not in (None, old.port),
-            block=_block_replication(old.port) if block else None,
+            block=block_replication(old.port) if block else None,
         )
         deployment.wait_failover(old.port)
     finally:
@@ -152,14 +130,14 @@ def _report(name: str, scenario: Failover) -> None:
 
 
 def test_failover_without_wait_loses_what_was_not_replicated(
-    sentinels: Callable[[int], SentinelSet], make: Apps
+    sentinels: Callable[[int], SentinelSet], apps: Apps
 ) -> None:
     """Streams stay open and go on from the new primary; publishing fails only during the
     switch; events acknowledged while the replica lagged are lost (the documented window),
     and everything Redis still holds reaches every stream and every resume."""
     deployment = sentinels(1)
-    apps = [make(deployment.url) for _ in range(3)]
-    scenario = _failover(deployment, apps, block=True)
+    workers = [apps(deployment.url) for _ in range(3)]
+    scenario = _failover(deployment, workers, block=True)
     _report("sentinel, no WAIT", scenario)
     figures = scenario.figures()
     assert scenario.lost(), "blocked replication: the acknowledged events after it are lost"
@@ -171,15 +149,15 @@ def test_failover_without_wait_loses_what_was_not_replicated(
 
 
 def test_failover_with_wait_loses_no_acknowledged_event(
-    sentinels: Callable[[int], SentinelSet], make: Apps
+    sentinels: Callable[[int], SentinelSet], apps: Apps
 ) -> None:
     """With SSE_REDIS_WAIT_REPLICAS = 1 an event is acknowledged only once a replica has it:
     publishes while replication is cut raise, saying the event may or may not survive; no
     acknowledged event is lost across the failover."""
     deployment = sentinels(2)
     config = {"SSE_REDIS_WAIT_REPLICAS": 1, "SSE_REDIS_WAIT_TIMEOUT": 0.2}
-    apps = [make(deployment.url, **config) for _ in range(3)]
-    scenario = _failover(deployment, apps, block=True)
+    workers = [apps(deployment.url, **config) for _ in range(3)]
+    scenario = _failover(deployment, workers, block=True)
     _report("sentinel, WAIT 1", scenario)
     assert scenario.lost() == []
     assert scenario.blocked_at is not None
@@ -191,7 +169,7 @@ def test_failover_with_wait_loses_no_acknowledged_event(
     scenario.check_resumes(acked[5])
 
 
-def test_publish_error_names_the_sentinel_service(make: Apps) -> None:
-    app = make("redis+sentinel://127.0.0.1:9/nowhere/0")
+def test_publish_error_names_the_sentinel_service(apps: Apps) -> None:
+    app = apps("redis+sentinel://127.0.0.1:9/nowhere/0")
     with app.app_context(), pytest.raises(PublishError, match="Sentinel calls 'nowhere'"):
         send_event("x", channel="a")

@@ -1,5 +1,5 @@
 """The Redis bus (``redis://host:port/db``, ``rediss://`` for TLS, ``unix://``, and
-``redis+sentinel://``, see
+``redis+sentinel://`` or ``redis+cluster://``, see
 :mod:`~flask_sse_push.bus.redis_connect`): many workers and hosts, one stream of events.
 
 Every app has ONE Redis stream (``XADD`` with a bounded ``MAXLEN``) that is both the transport
@@ -110,7 +110,7 @@ class _Resumption:
 class RedisBus(Bus):
     """A bus on a Redis stream shared by every process of the app."""
 
-    schemes = ("redis", "rediss", "unix", SENTINEL_SCHEME)
+    schemes = ("redis", "rediss", "unix", SENTINEL_SCHEME, "redis+cluster")
     dependencies = {"redis": "redis"}  # noqa: RUF012 - read-only
 
     client: redis.Redis

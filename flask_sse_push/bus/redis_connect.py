@@ -177,15 +177,16 @@ class LazyCluster:
         self._kwargs = kwargs
         self._client: Any = None
 
-    def get(self) -> Any:
-        """The client, made now if needed (raising redis-py's errors when no node answers)."""
+    def _made(self) -> Any:
+        """The client, made now if needed (raising redis-py's errors when no node answers).
+        (Not ``get``: that name is the client's ``GET`` command.)"""
         if self._client is None:
             cluster = importlib.import_module("redis.cluster")
             self._client = cluster.RedisCluster(**self._kwargs)
         return self._client
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.get(), name)
+        return getattr(self._made(), name)
 
     def get_encoder(self) -> Any:
         """The encoder scripts are registered with (the client's default one)."""

@@ -203,8 +203,10 @@ class History:
         self.replicas = replicas
         self.wait = wait
         self.cluster = cluster
+        #: The key holding the id the stream started with.
+        self.epoch_key = key + ":epoch"
         #: The stream, the two generations of the index, the epoch: one hash slot.
-        self._keys = [key, key + ":ids", key + ":ids:old", key + ":epoch"]
+        self._keys = [key, key + ":ids", key + ":ids:old", self.epoch_key]
         self._info = client.register_script(_INFO)
         self._add = client.register_script(_ADD)
 

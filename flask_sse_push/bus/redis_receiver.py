@@ -196,6 +196,8 @@ class Receiver:
                 # keeps. Entries trimmed before it read them cannot be delivered.
                 self._check_position(bus, reader)
             self._deliver(bus, entries)
+        if streams and not self.epoch:
+            self._learn_epoch(bus, reader)
         if time.monotonic() >= self._next_stats:
             self._next_stats = time.monotonic() + STATS_EVERY
             try:
@@ -204,6 +206,17 @@ class Receiver:
                 if not refused(exc):
                     raise
                 self._log_refused(exc)
+
+    def _learn_epoch(self, bus: RedisBus, reader: redis.Redis) -> None:
+        """Learn the epoch of a stream that did not exist when this receiver started (it
+        tells a failover from a stream made again, see :meth:`_check_position`). The
+        epoch is the stream's first id: one after this receiver's position belongs to a
+        stream made since, not to the one it read."""
+        epoch = text(reader.get(bus.history.epoch_key) or b"")
+        start = stream_position(epoch)
+        with self.lock:
+            if start is not None and start <= self.position:
+                self.epoch = epoch
 
     def _write_stats(self, bus: RedisBus, client: redis.Redis) -> None:
         """Report this process's stream counts for :func:`read_stats`."""

@@ -11,6 +11,7 @@ primary, and the scenario waits (bounded) for the switch and for delivery to go 
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,14 +23,36 @@ from flask import Flask
 from flask_sse_push import PublishError, get_state, send_event
 from flask_sse_push.bus.redis import RedisBus
 from flask_sse_push.testing import EventReader
+from support.redis_ha import ask
 
-__all__ = ["Failover", "Publisher", "Watcher", "position", "resume"]
+__all__ = ["Failover", "Publisher", "Watcher", "block_replication", "position", "resume"]
+
+
+def block_replication(port: int) -> Callable[[], None]:
+    """What cuts the primary on *port* from its replicas, which then cannot sync again
+    (``PSYNC`` is denied): what it acknowledges from then on exists nowhere else."""
+
+    def block() -> None:
+        assert ask(port, "ACL", "SETUSER", "default", "-psync", "-sync") == b"OK"
+        assert ask(port, "CLIENT", "KILL", "TYPE", "replica")
+
+    return block
 
 
 def position(event_id: str) -> tuple[int, int]:
     """The two numbers of a stream entry id, to order ids."""
     ms, _, seq = event_id.partition("-")
     return int(ms), int(seq)
+
+
+def assert_in_order(
+    ids: list[str], received: list[tuple[float, str]] | None = None, since: float = 0.0
+) -> None:
+    """*ids* are stream ids, each once, in order; else say where (and when) they were not."""
+    for n, (before, after) in enumerate(itertools.pairwise(ids)):
+        if position(before) >= position(after):
+            when = f" at {received[n + 1][0] - since:.2f} s" if received else ""
+            raise AssertionError(f"{after} came after {before}{when}: {ids[max(0, n - 3) : n + 4]}")
 
 
 def bus_of(app: Flask) -> RedisBus:
@@ -165,10 +188,12 @@ class Failover:
         kill: Callable[[], None],
         switched: Callable[[], bool],
         block: Callable[[], None] | None = None,
+        then: Callable[[], None] | None = None,
     ) -> None:
         """Publish for a while, *block* replication (if given) for half a second, *kill* the
-        primary, wait until *switched* says a new one is in place, then until publishing
-        and delivery went on; stop publishing and let every stream catch up."""
+        primary, wait until *switched* says a new one is in place and call *then* (if
+        given), then wait until publishing and delivery went on; stop publishing and let
+        every stream catch up."""
         publisher = self.publisher
         publisher.start()
         try:
@@ -181,6 +206,8 @@ class Failover:
             kill()
             assert self._until(switched, 40), "no new primary within 40 s"
             self.switched_at = time.monotonic()
+            if then is not None:
+                then()
             after = publisher.acked_after
             went_on = self._until(lambda: len(after(self.switched_at)) >= 25, 30)
             assert went_on, f"publishing did not go on: {publisher.failed[-3:]}"
@@ -206,12 +233,21 @@ class Failover:
         """Publishes that raised after the kill, with their time from the kill."""
         return [(t - self.killed_at, m) for t, m in self.publisher.failed if t >= self.killed_at]
 
+    def back_at(self) -> float:
+        """When publishing went on: the first acknowledgement after the first error that
+        followed the kill (a publish under way at the kill may still be acknowledged)."""
+        errors = self.switch_errors()
+        since = self.killed_at + (errors[0][0] if errors else 0.0)
+        return min(t for t, _ in self.publisher.acked if t > since)
+
     def figures(self) -> dict[str, Any]:
         """The measured figures, in seconds from the kill."""
         errors = self.switch_errors()
-        first_ack = min(t for t, _ in self.publisher.acked if t > self.killed_at)
-        first_after = self.publisher.acked_after(self.killed_at)[0]
+        first_ack = self.back_at()
+        first_after = self.publisher.acked_after(first_ack - 1e-9)[0]
         delivered = [w.got_at(first_after) for w in self.watchers]
+        lost = set(self.lost())
+        lost_at = [t - self.killed_at for t, i in self.publisher.acked if i in lost]
         return {
             "new primary agreed": round(self.switched_at - self.killed_at, 2),
             "publish errors": len(errors),
@@ -223,7 +259,10 @@ class Failover:
             ),
             "published": len(self.publisher.acked) + len(self.publisher.failed),
             "acknowledged": len(self.publisher.acked),
-            "acknowledged but lost": len(self.lost()),
+            "acknowledged but lost": len(lost),
+            "lost, acknowledged from/to": (round(lost_at[0], 2), round(lost_at[-1], 2))
+            if lost_at
+            else None,
             "keep-alives per stream during the outage": min(
                 w.comments_between(self.killed_at, first_ack) for w in self.watchers
             ),
@@ -237,7 +276,7 @@ class Failover:
         for watcher in self.watchers:
             ids = watcher.ids
             assert not watcher.reader.ended
-            assert [position(i) for i in ids] == sorted({position(i) for i in ids}), ids
+            assert_in_order(ids, watcher.received, self.killed_at)
             missing = sorted(set(kept) - set(ids), key=position)
             assert missing == [], f"a stream missed {len(missing)} events: {missing[:5]}"
         assert self.figures()["keep-alives per stream during the outage"] >= 1
@@ -250,5 +289,5 @@ class Failover:
         wanted = [i for i in acked[acked.index(since) + 1 :] if i in stored]
         for app in self.apps:
             ids = resume(app, since, wanted[-1])
-            assert [position(i) for i in ids] == sorted({position(i) for i in ids}), ids
+            assert_in_order(ids)
             assert [i for i in ids if i in set(wanted)] == wanted

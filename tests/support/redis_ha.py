@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import redis
 import redis.exceptions
@@ -21,13 +21,46 @@ from redis.retry import Retry
 from support.procs import HOST, free_port, read_log, stop_each, terminate, wait_for
 from support.redis_server import RedisServer
 
-__all__ = ["SENTINEL_MISSING_MESSAGE", "SentinelServer", "SentinelSet", "redis_sentinel_executable"]
+__all__ = [
+    "SENTINEL_MISSING_MESSAGE",
+    "Deployments",
+    "SentinelServer",
+    "SentinelSet",
+    "redis_sentinel_executable",
+]
 
 SENTINEL_MISSING_MESSAGE = (
     "redis-sentinel is not on PATH; install the Debian package redis-sentinel "
     "(apt-get install redis-sentinel) to run the Sentinel tests"
 )
 SERVICE = "mymaster"
+
+
+class Deployment(Protocol):
+    def start(self) -> Any: ...
+
+    def stop(self) -> None: ...
+
+
+D = TypeVar("D", bound=Deployment)
+
+
+class Deployments:
+    """Starts deployments and remembers them, so that a fixture stops them all at the end
+    (also when a test fails)."""
+
+    def __init__(self) -> None:
+        self.started: list[Deployment] = []
+
+    def __call__(self, deployment: D) -> D:
+        """Start *deployment* (stopped later even if starting fails) and return it."""
+        self.started.append(deployment)
+        deployment.start()
+        return deployment
+
+    def stop(self) -> None:
+        """Stop every deployment started."""
+        stop_each(d.stop for d in self.started)
 
 
 def redis_sentinel_executable() -> str | None:
@@ -160,7 +193,9 @@ class SentinelSet:
         self.work_dir = work_dir
         self.redis_exe = redis_exe
         self.sentinel_exe = sentinel_exe
-        self.primary = RedisServer(self._dir("primary"), executable=redis_exe)
+        self.primary = RedisServer(
+            self._dir("primary"), executable=redis_exe, args=["--repl-diskless-sync-delay", "0"]
+        )
         primary_of = ["--replicaof", HOST, str(self.primary.port)]
         self.replicas = [
             RedisServer(self._dir(f"replica{i}"), executable=redis_exe, args=primary_of)
