@@ -20,6 +20,7 @@ _MARKERS = {
     "e2e": "starts a real gunicorn with gevent workers",
     "browser": "drives headless Chromium",
     "slow": "takes more than a few seconds",
+    "multihost": "hosts made of network namespaces (root, haproxy); run with -m multihost",
 }
 
 
