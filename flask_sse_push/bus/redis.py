@@ -349,3 +349,4 @@ class RedisBus(Bus):
         if self._receiver is not None:
             self._receiver.stop()
         self.client.close()
+        self.connector.close()

@@ -261,6 +261,11 @@ class Connector:
             return self._primary(name, **kwargs)
         return self._cluster(name, **kwargs)
 
+    def close(self) -> None:
+        """Close the connections to the sentinels, if any were made."""
+        if self._sentinel is not None:
+            self._sentinel.close()
+
     def _primary(self, name: str, **kwargs: Any) -> redis.Redis:
         target = self.target
         if self._sentinel is None:
