@@ -42,7 +42,7 @@ BLOCK_MS = 1000
 STATS_EVERY = 2.0
 #: How long a process's reported stream counts stay valid, in seconds.
 STATS_TTL = 10.0
-_BACKOFF_CAP = 5.0
+_BACKOFF_CAP = 2.0
 
 
 class Receiver:
