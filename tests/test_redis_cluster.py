@@ -111,6 +111,7 @@ def test_cluster_failover_without_wait(cluster: Callable[[], ClusterSet], apps: 
     scenario = _failover(deployment, workers, restart=False)
     print(f"\ncluster, no WAIT: {scenario.figures()}")
     assert scenario.lost()
+    assert scenario.errors_after_switch(grace=1.0) == []
     scenario.check_streams()
     acked = [event_id for _, event_id in scenario.publisher.acked]
     scenario.check_resumes(acked[5])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from flask import Flask
@@ -100,13 +101,26 @@ def test_bad_wait_settings_are_refused(key: str, value: object) -> None:
 def test_publish_and_stream_through_sentinel(
     sentinels: Callable[[int], SentinelSet], apps: Apps
 ) -> None:
+    """Delivery through the primary the sentinels name; 40 publishers at once share the
+    process's bounded pool (they wait for a connection, none fails)."""
     deployment = sentinels(1)
     app = apps(deployment.url)
     with EventReader(app.test_client().get("/stream?channel=a", buffered=False)) as reader:
         with app.app_context():
             event_id = send_event("hello", channel="a")
         assert [(e.data, e.id) for e in reader.events(count=1, timeout=10)] == [("hello", event_id)]
-    assert ask(deployment.primary.port, "XLEN", bus_of(app).key) == 1
+
+    def publish(n: int) -> str:
+        with app.app_context():
+            return send_event(n, channel="b")
+
+    with ThreadPoolExecutor(40) as pool:
+        ids = list(pool.map(publish, range(200)))
+    assert len(set(ids)) == 200
+    assert ask(deployment.primary.port, "XLEN", bus_of(app).key) == 201
+    clients = ask(deployment.primary.port, "CLIENT", "LIST").decode()
+    publishing = clients.count(f"name=flask-sse-push:publish:{os.getpid()}")
+    assert 1 <= publishing <= 10
 
 
 def _failover(deployment: SentinelSet, apps: list[Flask], block: bool) -> Failover:
@@ -142,6 +156,7 @@ def test_failover_without_wait_loses_what_was_not_replicated(
     figures = scenario.figures()
     assert scenario.lost(), "blocked replication: the acknowledged events after it are lost"
     assert figures["last error"] is None or figures["last error"] < 20
+    assert scenario.errors_after_switch(grace=1.0) == []
     scenario.check_streams()
     acked = [event_id for _, event_id in scenario.publisher.acked]
     scenario.check_resumes(acked[5])
@@ -164,6 +179,7 @@ def test_failover_with_wait_loses_no_acknowledged_event(
     unconfirmed = [m for t, m in scenario.publisher.failed if t < scenario.killed_at]
     assert unconfirmed, "publishes while replication was cut must raise"
     assert all("may or may not survive" in m for m in unconfirmed), unconfirmed[:1]
+    assert scenario.errors_after_switch(grace=1.0) == []
     scenario.check_streams()
     acked = [event_id for _, event_id in scenario.publisher.acked]
     scenario.check_resumes(acked[5])

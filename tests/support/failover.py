@@ -240,6 +240,12 @@ class Failover:
         since = self.killed_at + (errors[0][0] if errors else 0.0)
         return min(t for t, _ in self.publisher.acked if t > since)
 
+    def errors_after_switch(self, grace: float) -> list[tuple[float, str]]:
+        """Publishes that raised later than *grace* seconds after the new primary was in
+        place (with their time from the kill)."""
+        late = self.switched_at - self.killed_at + grace
+        return [(t, m) for t, m in self.switch_errors() if t > late]
+
     def figures(self) -> dict[str, Any]:
         """The measured figures, in seconds from the kill."""
         errors = self.switch_errors()
