@@ -4,9 +4,9 @@
 #   bash dev.sh example   # install, then serve example_app under gunicorn with gevent workers
 #   bash dev.sh test      # install everything the tests need, then run lint, types and tests
 #
-# System packages (python3-venv, redis-server, chromium for the browser tests, nginx, openssl
-# and gettext-base for the proxy tests) are installed with apt-get when missing. Playwright
-# drives Debian's Chromium; it never downloads a browser.
+# System packages (python3-venv, redis-server and redis-sentinel, chromium for the browser
+# tests, nginx, openssl and gettext-base for the proxy tests) are installed with apt-get when
+# missing. Playwright drives Debian's Chromium; it never downloads a browser.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -50,6 +50,7 @@ case "${1:-}" in
         ;;
     test)
         command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+        command -v redis-sentinel >/dev/null 2>&1 || apt_install redis-sentinel
         [ -x /usr/bin/chromium ] || apt_install chromium
         [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || apt_install nginx
         command -v openssl >/dev/null 2>&1 || apt_install openssl

@@ -23,7 +23,8 @@ SSE_QUEUE_SIZE = "SSE_QUEUE_SIZE"
 SSE_DEFAULT_CHANNEL = "SSE_DEFAULT_CHANNEL"
 #: Reconnection delay in milliseconds sent to clients when they connect (``None``: not sent).
 SSE_RETRY = "SSE_RETRY"
-#: Which bus carries events: ``memory://`` (one process) or ``redis://host:port/db``.
+#: Which bus carries events: ``memory://`` (one process), ``redis://host:port/db``,
+#: ``redis+sentinel://host:port,.../service/db`` or ``redis+cluster://host:port,...``.
 SSE_BUS_URL = "SSE_BUS_URL"
 #: Events the bus keeps for ``Last-Event-ID`` replay.
 SSE_HISTORY_SIZE = "SSE_HISTORY_SIZE"
@@ -40,6 +41,10 @@ SSE_PUBLISH_TIMEOUT = "SSE_PUBLISH_TIMEOUT"
 SSE_SEND_TIMEOUT = "SSE_SEND_TIMEOUT"
 #: Redis key of the app's event stream (default: ``flask-sse-push:<app import name>``).
 SSE_REDIS_KEY = "SSE_REDIS_KEY"
+#: Replicas that must confirm each event (Redis ``WAIT``) before ``send_event`` returns.
+SSE_REDIS_WAIT_REPLICAS = "SSE_REDIS_WAIT_REPLICAS"
+#: Seconds the replicas have to confirm an event before ``send_event`` raises.
+SSE_REDIS_WAIT_TIMEOUT = "SSE_REDIS_WAIT_TIMEOUT"
 #: Serve ``GET <prefix>/stats`` (open streams per channel of the answering process, as JSON).
 SSE_STATS = "SSE_STATS"
 #: Serve ``GET <prefix>/health`` (200 while this process can serve streams, 503 otherwise).
@@ -60,6 +65,8 @@ DEFAULTS: Mapping[str, Any] = {
     SSE_PUBLISH_TIMEOUT: 5.0,
     SSE_STATS: False,
     SSE_REDIS_KEY: None,
+    SSE_REDIS_WAIT_REPLICAS: 0,
+    SSE_REDIS_WAIT_TIMEOUT: 1.0,
     SSE_SEND_TIMEOUT: 30.0,
     SSE_HEALTH: True,
     SSE_METRICS_PATH: None,
@@ -132,6 +139,8 @@ class Settings:
     :param publish_timeout: seconds a publish may wait on a remote bus.
     :param stats: whether ``<prefix>/stats`` is served.
     :param redis_key: the Redis stream's key, or ``None`` for the default.
+    :param redis_wait_replicas: replicas that must confirm each event, ``0`` for none.
+    :param redis_wait_timeout: seconds they have to confirm it.
     :param send_timeout: seconds a write may stall before the client is dropped, ``0``
         for never.
     :param health: whether ``<prefix>/health`` is served.
@@ -153,6 +162,8 @@ class Settings:
     send_timeout: float
     health: bool
     metrics_path: str | None
+    redis_wait_replicas: int = 0
+    redis_wait_timeout: float = 1.0
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -193,4 +204,8 @@ class Settings:
             send_timeout=float(_number(config, SSE_SEND_TIMEOUT, minimum=0, integer=False)),
             health=bool(config[SSE_HEALTH]),
             metrics_path=_metrics_path(config),
+            redis_wait_replicas=_number(config, SSE_REDIS_WAIT_REPLICAS, minimum=0, integer=True),
+            redis_wait_timeout=float(
+                _number(config, SSE_REDIS_WAIT_TIMEOUT, minimum=0.001, integer=False)
+            ),
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from support.app import Apps
 from support.gunicorn import GunicornFactory
 from support.nginx import NginxFactory, require_nginx
 from support.redis_server import RedisFactory, RedisServer, require_redis_server
@@ -19,6 +20,7 @@ _MARKERS = {
     "e2e": "starts a real gunicorn with gevent workers",
     "browser": "drives headless Chromium",
     "slow": "takes more than a few seconds",
+    "multihost": "hosts made of network namespaces (root, haproxy); run with -m multihost",
 }
 
 
@@ -82,6 +84,15 @@ def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxFactory]:
     factory = NginxFactory(tmp_path_factory.mktemp("nginx"), require_nginx())
     yield factory
     factory.stop_all()
+
+
+@pytest.fixture
+def apps() -> Iterator[Apps]:
+    """Make apps in the test process, each with a bus of its own (see
+    :class:`support.app.Apps`); their buses are closed at the end."""
+    made = Apps()
+    yield made
+    made.close()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from flask import Flask, request
+from support.app import Apps
 from support.procs import wait_for
 from support.redis_server import RedisFactory, RedisServer
 
@@ -40,20 +41,9 @@ Made = Callable[..., Flask]
 def make(shared_redis: RedisServer) -> Iterator[Made]:
     """Build apps on the shared Redis (flushed first); their buses are closed at the end."""
     shared_redis.client().flushdb()
-    made: list[Flask] = []
-
-    def factory(url: str = shared_redis.url, **config: Any) -> Flask:
-        app = Flask(__name__)
-        app.config.update(
-            {"SSE_BUS_URL": url, "SSE_KEEPALIVE": 0.2, "SSE_PUBLISH_TIMEOUT": 1, **config}
-        )
-        app.register_blueprint(SSEBlueprint(), url_prefix="/stream")
-        made.append(app)
-        return app
-
-    yield factory
-    for app in made:
-        get_state(app).bus.close()
+    apps = Apps(shared_redis.url)
+    yield apps
+    apps.close()
 
 
 @pytest.fixture
@@ -418,6 +408,34 @@ def test_the_receiver_follows_a_recreated_stream_with_smaller_ids(redis_app: Fla
             assert read_until_end(waiting, 10) == []
             assert waiting.parser.comments[-1] == " lagged"
         assert_delivers(live, redis_app, "newer")
+
+
+def test_a_failover_that_lost_the_newest_entries(
+    make: Made, redis_server: RedisFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new primary lacking the newest entries (asynchronous replication), played by
+    restoring the stream as it was a few events earlier: open streams are neither replayed
+    the history again nor ended; they go on with the new primary's events. The stream did
+    not exist when the receiver started: it learns the stream's epoch as it reads."""
+    server = redis_server()
+    app = make(server.url)
+    bus = redis_bus(app)
+    with EventReader(open_stream(app)) as live:
+        assert wait_for(lambda: connected(app) and bus.stream_count() == 1, 10)
+        kept = assert_delivers(live, app, "kept")
+        admin = server.client()
+        earlier = admin.dump(bus.key)
+        lost = [assert_delivers(live, app, f"lost{i}") for i in range(3)]
+        admin.restore(bus.key, 0, earlier, replace=True)
+        assert wait_for(lambda: "lost the newest entries" in caplog.text, 15), caplog.text
+        # A client resuming from a lost id before the new primary has anything newer.
+        with EventReader(open_stream(app, lost[-1])) as again:
+            (reset,) = again.events(count=1, timeout=10)
+        assert (reset.type, reset.id, reset.json()["reason"]) == ("sse-reset", kept, "unknown")
+        after = assert_delivers(live, app, "after")
+        assert not live.ended
+    with EventReader(open_stream(app, lost[0])) as resumed:
+        assert [e.id for e in resumed.events(count=1, timeout=10)] == [after]
 
 
 def test_streams_through_a_restart_without_persistence(

@@ -1,5 +1,6 @@
-"""The Redis bus (``redis://host:port/db``, ``rediss://`` for TLS, ``unix://``): many
-workers and hosts, one stream of events.
+"""The Redis bus (``redis://host:port/db``, ``rediss://`` for TLS, ``unix://``, and
+``redis+sentinel://`` or ``redis+cluster://``, see
+:mod:`~flask_sse_push.bus.redis_connect`): many workers and hosts, one stream of events.
 
 Every app has ONE Redis stream (``XADD`` with a bounded ``MAXLEN``) that is both the transport
 and the history. Each process runs ONE :class:`~flask_sse_push.bus.redis_receiver.Receiver`
@@ -20,14 +21,15 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..encoding import with_id
 from ..errors import BusError, PublishError
 from ..reasons import EndReason
 from .base import Bus, Message, Reset, Resume, Subscription
-from .redis_history import CONTROL, History, Position, entry_id, stream_shaped
+from .redis_connect import SENTINEL_SCHEME, Connector, Target, errors, refused
+from .redis_history import CONTROL, History, Position, Unconfirmed, entry_id, stream_shaped
 from .redis_receiver import Receiver, read_stats
 
 if TYPE_CHECKING:
@@ -40,27 +42,34 @@ log = logging.getLogger("flask_sse_push")
 class RedisSettings:
     """What the Redis bus reads from the app's settings.
 
-    :param key: the stream's key (``SSE_REDIS_KEY``, or ``flask-sse-push:<app name>``).
+    :param key: the stream's key (``SSE_REDIS_KEY``, or ``flask-sse-push:<app name>``; in
+        a cluster with a hash tag, ``{...}``, so that every key of the bus has one slot).
     :param stats_key: the hash where each process reports its stream counts.
     :param maxlen: entries the stream keeps at least (history, and room for receivers that
         fall behind).
     :param timeout: seconds a command may take (``SSE_PUBLISH_TIMEOUT``).
+    :param wait_replicas: replicas that must confirm each event (``SSE_REDIS_WAIT_REPLICAS``).
+    :param wait_timeout: seconds they have to (``SSE_REDIS_WAIT_TIMEOUT``).
     """
 
     key: str
     stats_key: str
     maxlen: int
     timeout: float
+    wait_replicas: int = 0
+    wait_timeout: float = 1.0
 
     @classmethod
-    def from_settings(cls, settings: Settings, name: str) -> RedisSettings:
-        """Derive them from the app's *settings* and *name*."""
-        key = settings.redis_key or f"flask-sse-push:{name}"
+    def from_settings(cls, settings: Settings, name: str, target: Target) -> RedisSettings:
+        """Derive them from the app's *settings* and *name*, for *target*."""
+        key = target.stream_key(settings.redis_key or f"flask-sse-push:{name}")
         return cls(
             key=key,
             stats_key=key + ":stats",
             maxlen=max(settings.history_size, 1000),
             timeout=settings.publish_timeout,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout=settings.redis_wait_timeout,
         )
 
 
@@ -87,7 +96,9 @@ class _Resumption:
             if reset is None or replay.reset is not None:
                 return replay
             return Resume(replay.replay, reset)
-        except self.bus.redis.ResponseError as exc:
+        except self.bus.errors as exc:
+            if not refused(exc):
+                raise BusError(f"could not read the history from Redis: {exc}") from exc
             # Refused, not unreachable: asking again would be refused again.
             log.error(
                 "flask-sse-push: Redis refused to read the history in %r (%s); ending a stream "
@@ -98,14 +109,12 @@ class _Resumption:
             )
             self.sub.end(EndReason.ERROR)
             raise BusError(f"Redis refused to read the history: {exc}") from exc
-        except self.bus.redis.RedisError as exc:
-            raise BusError(f"could not read the history from Redis: {exc}") from exc
 
 
 class RedisBus(Bus):
     """A bus on a Redis stream shared by every process of the app."""
 
-    schemes = ("redis", "rediss", "unix")
+    schemes = ("redis", "rediss", "unix", SENTINEL_SCHEME, "redis+cluster")
     dependencies = {"redis": "redis"}  # noqa: RUF012 - read-only
 
     client: redis.Redis
@@ -114,28 +123,34 @@ class RedisBus(Bus):
     def __init__(self, url: str, settings: Settings, *, name: str) -> None:
         super().__init__(url, settings, name=name)
         self.redis = importlib.import_module("redis")
+        #: What redis-py raises when Redis cannot answer.
+        self.errors = errors()
+        #: Where the bus connects.
+        self.target = Target.parse(url)
         #: What the bus reads from the settings.
-        self.options = RedisSettings.from_settings(settings, name)
+        self.options = RedisSettings.from_settings(settings, name, self.target)
         #: The stream's key.
         self.key = self.options.key
 
     # -- per-process state ---------------------------------------------------------------
 
     def _start(self) -> None:
-        timeout = self.options.timeout
-        pool = self.redis.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=10,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # An XADD is not retried: a retry after a lost reply could publish twice.
-            retry=self._no_retry(),
-            client_name=f"flask-sse-push:publish:{os.getpid()}",
+        options = self.options
+        #: Makes this process's clients.
+        self.connector = Connector(self.target, options.timeout)
+        self.client = self.connector.publisher(
+            f"flask-sse-push:publish:{os.getpid()}",
+            extra_timeout=options.wait_timeout if options.wait_replicas else 0.0,
         )
-        self.client = self.redis.Redis(connection_pool=pool)
         #: The stream as a history, with the index of caller-given ids.
-        self.history = History(self.client, self.key, self.options.maxlen)
+        self.history = History(
+            self.client,
+            self.key,
+            options.maxlen,
+            replicas=options.wait_replicas,
+            wait=options.wait_timeout,
+            cluster=self.connector.cluster,
+        )
         #: This bus instance in this process, for revocation and stream counts.
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._receiver = None
@@ -145,24 +160,10 @@ class RedisBus(Bus):
         self.fanout  # noqa: B018 - creates the per-process state after a fork
         return self.client
 
-    def _no_retry(self) -> Any:
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        return Retry(NoBackoff(), 0)
-
     def connect(self, *, role: str, **kwargs: Any) -> redis.Redis:
         """A new client of its own (the receiver's), named by *role*."""
-        return cast(
-            "redis.Redis",
-            self.redis.Redis.from_url(
-                self.url,
-                socket_connect_timeout=5,
-                retry=self._no_retry(),
-                client_name=f"flask-sse-push:{role}:{os.getpid()}",
-                **kwargs,
-            ),
-        )
+        self.fanout  # noqa: B018 - creates the per-process state after a fork
+        return self.connector.dedicated(f"flask-sse-push:{role}:{os.getpid()}", **kwargs)
 
     @property
     def receiver(self) -> Receiver:
@@ -193,7 +194,9 @@ class RedisBus(Bus):
             fields["i"] = event_id
         try:
             entry = self._add(fields, event_id)
-        except self.redis.RedisError as exc:
+        except Unconfirmed as exc:
+            raise PublishError(self._unconfirmed(exc)) from exc
+        except self.errors as exc:
             raise PublishError(self._failed(exc)) from exc
         return event_id if event_id is not None else entry
 
@@ -201,38 +204,48 @@ class RedisBus(Bus):
         self.fanout  # noqa: B018 - creates the per-process state after a fork
         return self.history.add(fields, own_id)
 
+    def _unconfirmed(self, exc: Unconfirmed) -> str:
+        options = self.options
+        return (
+            f"{self.target.describe()} took the event as {exc.entry}, but {exc.confirmed} of "
+            f"the {options.wait_replicas} replicas asked for (SSE_REDIS_WAIT_REPLICAS) "
+            f"confirmed it within {options.wait_timeout} s (SSE_REDIS_WAIT_TIMEOUT): the "
+            "event may or may not survive a failover, and streams may have received it."
+        )
+
     def _failed(self, exc: Exception) -> str:
         """Why a publish failed, and what to do."""
-        where = f"Redis at {self._where()}"
+        where = self.target.describe()
         if isinstance(exc, self.redis.TimeoutError):
             return (
                 f"{where} did not answer within SSE_PUBLISH_TIMEOUT ({self.options.timeout} s); "
                 "the event may not have been published. (Redis may still carry the command "
                 "out: publishing it again could send it twice.)"
             )
-        if isinstance(exc, self.redis.ResponseError):
+        if refused(exc):
             return (
                 f"{where} refused to publish to {self.key!r} ({exc}); the event was not sent. "
                 "The key must hold a stream (SSE_REDIS_KEY) and Redis must take writes."
+            )
+        if self.target.kind != "server":
+            return (
+                f"could not publish to {where} ({exc}); the event was most likely not sent "
+                "(if the connection broke after the command went out, it may have been). "
+                "During a failover this lasts until the new primary takes writes."
             )
         return (
             f"could not publish to {where} ({exc}); the event was not sent. Check that "
             "Redis is running and SSE_BUS_URL points at it."
         )
 
-    def _where(self) -> str:
-        kwargs = self._client.connection_pool.connection_kwargs
-        if "path" in kwargs:
-            return str(kwargs["path"])
-        return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
-
     def _revoke_elsewhere(self, channel: str | None, user: object) -> None:
         """Write a control entry to the stream: every other process of the app ends the
         matching streams when its receiver reads it."""
+        failures: tuple[type[Exception], ...] = (*self.errors, TypeError, Unconfirmed)
         try:
             order = json.dumps({"channel": channel, "user": user, "origin": self.origin})
             self._add({"c": CONTROL, "b": order})
-        except (self.redis.RedisError, TypeError) as exc:
+        except failures as exc:
             raise BusError(f"could not tell the other workers to end streams: {exc}") from exc
 
     @staticmethod
@@ -336,7 +349,7 @@ class RedisBus(Bus):
         """
         try:
             return read_stats(self._client, self.options.stats_key)
-        except self.redis.RedisError as exc:
+        except self.errors as exc:
             raise BusError(f"could not read stream counts from Redis: {exc}") from exc
 
     def health(self) -> str | None:
@@ -361,3 +374,4 @@ class RedisBus(Bus):
         if self._receiver is not None:
             self._receiver.stop()
         self.client.close()
+        self.connector.close()

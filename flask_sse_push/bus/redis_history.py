@@ -13,6 +13,7 @@ an id of that form out of range is malformed, and never sent to Redis.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -63,14 +64,19 @@ if facts['last-entry'] then
   end
 end
 return {facts['length'], facts['entries-added'], facts['last-generated-id'], first, newest,
-        own, found or ''}
+        own, found or '', redis.call('GET', KEYS[4]) or ''}
 """
 
 #: Add an entry (fields from ``ARGV[3]`` on) trimming to about ``ARGV[1]`` entries; index a
 #: caller-given id ``ARGV[2]`` in ``KEYS[2]``, which moves to ``KEYS[3]`` when it holds
-#: ``ARGV[1]`` ids.
+#: ``ARGV[1]`` ids. A new stream's first id becomes its epoch (``KEYS[4]``): the stream
+#: after a failover has the epoch it had before, a stream made again has another.
 _ADD = """
+local fresh = redis.call('EXISTS', KEYS[1]) == 0
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+if fresh or redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('SET', KEYS[4], id)
+end
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[2], ARGV[2], id)
   if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[1]) then
@@ -118,6 +124,8 @@ class StreamInfo:
     :param head_id: the id of the newest entry as clients know it (its caller-given id if it
         has one), ``"0-0"`` when there is none.
     :param found: the position the index holds for the caller-given id asked about.
+    :param epoch: the id the stream started with (it tells a stream made again from the
+        same stream after a failover), ``""`` when unknown.
     """
 
     exists: bool = False
@@ -127,6 +135,7 @@ class StreamInfo:
     first: Position | None = None
     head_id: str = "0-0"
     found: Position | None = None
+    epoch: str = ""
 
     def gap(self, position: Position) -> ResetReason | None:
         """Why the events after *position* cannot all be read from this stream, or ``None``
@@ -147,6 +156,24 @@ class StreamInfo:
             return ResetReason.UNKNOWN
         return None
 
+    def lost_tail(self, position: Position, epoch: str | None) -> bool:
+        """Whether this stream is the one of *epoch* but lacks its entries up to *position*:
+        the newest entries were lost in a failover (Redis replicates asynchronously)."""
+        return bool(self.epoch) and self.epoch == epoch and position > self.last_generated
+
+
+class Unconfirmed(Exception):
+    """Fewer replicas than asked confirmed an added entry in time.
+
+    :param entry: the entry's id.
+    :param confirmed: how many replicas confirmed it.
+    """
+
+    def __init__(self, entry: str, confirmed: int) -> None:
+        super().__init__(entry, confirmed)
+        self.entry = entry
+        self.confirmed = confirmed
+
 
 class History:
     """The app's stream as a history with an index of caller-given ids, in this process.
@@ -155,13 +182,31 @@ class History:
     :param key: the stream's key; the index lives at ``<key>:ids`` and ``<key>:ids:old``.
     :param maxlen: entries the stream keeps at least; the index keeps at least as many of
         the newest caller-given ids, and at most twice as many.
+    :param replicas: replicas that must confirm each entry added (``WAIT``), ``0`` for none.
+    :param wait: seconds they have to confirm it.
+    :param cluster: whether *client* is a Redis Cluster client.
     """
 
-    def __init__(self, client: redis.Redis, key: str, maxlen: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        key: str,
+        maxlen: int,
+        *,
+        replicas: int = 0,
+        wait: float = 1.0,
+        cluster: bool = False,
+    ) -> None:
         self.client = client
         self.key = key
         self.maxlen = maxlen
-        self._keys = [key, key + ":ids", key + ":ids:old"]
+        self.replicas = replicas
+        self.wait = wait
+        self.cluster = cluster
+        #: The key holding the id the stream started with.
+        self.epoch_key = key + ":epoch"
+        #: The stream, the two generations of the index, the epoch: one hash slot.
+        self._keys = [key, key + ":ids", key + ":ids:old", self.epoch_key]
         self._info = client.register_script(_INFO)
         self._add = client.register_script(_ADD)
 
@@ -169,11 +214,36 @@ class History:
         """Add an entry of *fields* (indexing its caller-given *own_id*); return its id.
 
         The ``redis`` client's errors go through.
+
+        :raises Unconfirmed: when fewer than *replicas* confirmed it within *wait*
+            seconds.
         """
         args: list[Any] = [self.maxlen, own_id or ""]
         for name, value in fields.items():
             args += [name, value]
-        return text(self._add(keys=self._keys, args=args))
+        if not self.replicas:
+            return text(self._add(keys=self._keys, args=args))
+        try:
+            # WAIT counts the writes of its own connection: the add and the WAIT go together.
+            pipe: Any = self._node().pipeline(transaction=False)
+            self._add(keys=self._keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.replicas, max(1, round(self.wait * 1000)))
+            entry, confirmed = pipe.execute()
+        except Exception:
+            if self.cluster:  # the slot may have moved: learn where it is now
+                with contextlib.suppress(Exception):
+                    cast(Any, self.client).nodes_manager.initialize()
+            raise
+        if int(confirmed) < self.replicas:
+            raise Unconfirmed(text(entry), int(confirmed))
+        return text(entry)
+
+    def _node(self) -> redis.Redis:
+        """The client of the server holding the stream (in a cluster, its slot's primary)."""
+        if not self.cluster:
+            return self.client
+        client: Any = self.client
+        return cast("redis.Redis", client.get_redis_connection(client.get_node_from_key(self.key)))
 
     def info(self, client: redis.Redis | None = None, own_id: str = "") -> StreamInfo:
         """The stream's :class:`StreamInfo` (with *own_id* looked up in the index), read with
@@ -184,7 +254,7 @@ class History:
         reply = self._info(keys=self._keys, args=[own_id], client=client or self.client)
         if not reply:
             return StreamInfo()
-        length, added, generated, first, newest, own, found = cast("list[Any]", reply)
+        length, added, generated, first, newest, own, found, epoch = cast("list[Any]", reply)
         return StreamInfo(
             exists=True,
             length=int(length),
@@ -193,6 +263,7 @@ class History:
             first=stream_position(text(first)) if first else None,
             head_id=text(own or newest or "0-0"),
             found=stream_position(text(found)) if found else None,
+            epoch=text(epoch),
         )
 
     def locate(self, last_event_id: str) -> tuple[Position | Reset, Position]:

@@ -5,7 +5,9 @@ It goes on from the last entry it delivered after an outage, so every event Redi
 delivered, in order; it holds the bus only weakly, so an app that is gone takes its receiver
 with it. When the stream was trimmed past its position it ends its streams as lagged, so
 that their clients resync; when the stream was deleted (``FLUSHDB``, a restart of Redis
-without persistence) it reads the new one from its start.
+without persistence) it reads the new one from its start. When a failover lost the newest
+entries it had delivered (Redis replicates asynchronously), it goes on from the new primary's
+newest entry: the stream keeps its epoch, which a stream made again does not.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .. import concurrency
 from ..reasons import EndReason, ResetReason
 from .fanout import Fanout
+from .redis_connect import refused
 from .redis_history import Entries, Position, entry_id, stream_position, text
 
 if TYPE_CHECKING:
@@ -39,7 +42,7 @@ BLOCK_MS = 1000
 STATS_EVERY = 2.0
 #: How long a process's reported stream counts stay valid, in seconds.
 STATS_TTL = 10.0
-_BACKOFF_CAP = 5.0
+_BACKOFF_CAP = 2.0
 
 
 class Receiver:
@@ -55,12 +58,14 @@ class Receiver:
     def __init__(self, bus: RedisBus, fanout: Fanout) -> None:
         self._bus = weakref.ref(bus)
         self._fanout = weakref.ref(fanout)
-        self._redis = bus.redis
+        self._errors = bus.errors
         self.lock = fanout.lock
         self.key = bus.key
         self.name = bus.name
         #: Id of the last entry delivered, ``None`` until the stream's position is known.
         self.last: str | None = None
+        #: The epoch of the stream it reads (see :class:`~.redis_history.StreamInfo`).
+        self.epoch: str | None = None
         #: Subscriptions waiting for the receiver to pass their resume point.
         self.waiting: dict[Any, tuple[int, int]] = {}
         #: Whether the connection to Redis is up (read by tests and health checks).
@@ -77,7 +82,7 @@ class Receiver:
         after the first subscription is delivered live), then run in the background."""
         bus = self._bus()
         if bus is not None:
-            with contextlib.suppress(self._redis.RedisError):  # else learnt once connected
+            with contextlib.suppress(*self._errors):  # else learnt once connected
                 self.learn_position(bus.client)
         concurrency.spawn(self.run, name=f"sse-redis-{self.name}")
 
@@ -99,10 +104,11 @@ class Receiver:
         bus = self._bus()
         if bus is None:
             return
-        start = entry_id(bus.history.info(client).last_generated)
+        info = bus.history.info(client)
         with self.lock:
             if self.last is None:
-                self.last = start
+                self.last = entry_id(info.last_generated)
+                self.epoch = info.epoch
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -117,10 +123,10 @@ class Receiver:
                 self._once()
                 backoff = 0.1
                 self._refused = None
-            except self._redis.RedisError as exc:
+            except self._errors as exc:
                 if not self._running():
                     break
-                if isinstance(exc, self._redis.ResponseError):
+                if refused(exc):
                     self._log_refused(exc)
                 elif self.connected:
                     log.warning(
@@ -190,12 +196,27 @@ class Receiver:
                 # keeps. Entries trimmed before it read them cannot be delivered.
                 self._check_position(bus, reader)
             self._deliver(bus, entries)
+        if streams and not self.epoch:
+            self._learn_epoch(bus, reader)
         if time.monotonic() >= self._next_stats:
             self._next_stats = time.monotonic() + STATS_EVERY
             try:
                 self._write_stats(bus, reader)
-            except self._redis.ResponseError as exc:  # out of memory: delivery goes on
+            except self._errors as exc:  # out of memory: delivery goes on
+                if not refused(exc):
+                    raise
                 self._log_refused(exc)
+
+    def _learn_epoch(self, bus: RedisBus, reader: redis.Redis) -> None:
+        """Learn the epoch of a stream that did not exist when this receiver started (it
+        tells a failover from a stream made again, see :meth:`_check_position`). The
+        epoch is the stream's first id: one after this receiver's position belongs to a
+        stream made since, not to the one it read."""
+        epoch = text(reader.get(bus.history.epoch_key) or b"")
+        start = stream_position(epoch)
+        with self.lock:
+            if start is not None and start <= self.position:
+                self.epoch = epoch
 
     def _write_stats(self, bus: RedisBus, client: redis.Redis) -> None:
         """Report this process's stream counts for :func:`read_stats`."""
@@ -219,9 +240,18 @@ class Receiver:
             return
         with self.lock:
             reason = info.gap(self.position)
+            known, self.epoch = self.epoch, info.epoch
             if reason is None:
                 return
-            if reason is ResetReason.UNKNOWN:
+            if info.lost_tail(self.position, known):
+                why = (
+                    f"Redis lost the newest entries this worker delivered, up to {self.last} "
+                    "(a failover: replication is asynchronous); open streams go on from the "
+                    f"new primary's newest entry, {entry_id(info.last_generated)}"
+                )
+                self.last = entry_id(info.last_generated)
+                ended = None
+            elif reason is ResetReason.UNKNOWN:
                 why = "the Redis stream was deleted or made again; reading the new one"
                 self.last = "0-0"
                 waiting, self.waiting = self.waiting, {}
@@ -229,7 +259,10 @@ class Receiver:
             else:
                 why = "events were trimmed from Redis before this worker read them"
                 ended = fanout.end(EndReason.LAGGED, lambda sub: True)
-        log.warning("flask-sse-push: %s; ended %d streams so their clients resync", why, ended)
+        if ended is None:
+            log.warning("flask-sse-push: %s", why)
+        else:
+            log.warning("flask-sse-push: %s; ended %d streams so their clients resync", why, ended)
 
     def _deliver(self, bus: RedisBus, entries: Entries) -> None:
         fanout = self._fanout()

@@ -4,6 +4,12 @@
 - :mod:`support.http`: the raw HTTP/1.1 client and THE chunked-transfer decoder.
 - :mod:`support.gunicorn`: starting and stopping ``gunicorn -k gevent``.
 - :mod:`support.redis_server`: throwaway ``redis-server`` processes.
+- :mod:`support.redis_ha`, :mod:`support.redis_cluster`: a primary with replicas under three
+  ``redis-sentinel`` processes; a cluster of three primaries and three replicas.
+- :mod:`support.failover`: the scenario of a Redis primary killed while events are published
+  and streams are open, and what it measures.
+- :mod:`support.netns`, :mod:`support.netload`: hosts made of network namespaces, and the
+  client and publisher agents that run inside them.
 - :mod:`support.clients`: stream readers built on raw sockets (one, many, reconnecting).
 - :mod:`support.app`: serving the test app (``apps.streaming``) and calling its routes.
 - :mod:`support.flask_apps`: apps made in the test process, their buses closed after.

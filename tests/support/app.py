@@ -1,4 +1,5 @@
-"""The test app (``tests/apps/streaming.py``) under gunicorn, and calls to its routes."""
+"""The test app (``tests/apps/streaming.py``) under gunicorn, and calls to its routes; small
+apps in the test process (:class:`Apps`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import json
 from typing import Any
 
 import requests
+from flask import Flask
 
+from flask_sse_push import SSEBlueprint, get_state
 from support.gunicorn import GunicornFactory, GunicornServer, answering
 
-__all__ = ["APP", "CONF", "publish", "serve", "stats"]
+__all__ = ["APP", "CONF", "Apps", "publish", "serve", "stats"]
 
 APP = "apps.streaming:app"
 CONF = "python:flask_sse_push.gunicorn_conf"
@@ -43,3 +46,31 @@ def stats(url: str) -> dict[str, Any]:
     """The answering worker's stream counts."""
     result: dict[str, Any] = requests.get(url + "/stream/stats", timeout=5).json()
     return result
+
+
+class Apps:
+    """Makes apps in the test process, each with the blueprint at ``/stream`` and a bus of its
+    own (so a receiver of its own, like a worker); :meth:`close` closes their buses.
+
+    :param url: the default ``SSE_BUS_URL``.
+    """
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self.made: list[Flask] = []
+
+    def __call__(self, url: str | None = None, **config: Any) -> Flask:
+        """A new app on *url*, with short keep-alives and publish timeouts, and *config*."""
+        app = Flask(__name__)
+        app.config.update(
+            {"SSE_BUS_URL": url or self.url, "SSE_KEEPALIVE": 0.2, "SSE_PUBLISH_TIMEOUT": 1}
+        )
+        app.config.update(config)
+        app.register_blueprint(SSEBlueprint(), url_prefix="/stream")
+        self.made.append(app)
+        return app
+
+    def close(self) -> None:
+        """Close the bus of every app made."""
+        for app in self.made:
+            get_state(app).bus.close()

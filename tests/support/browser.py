@@ -13,12 +13,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-import pytest
+from support.procs import missing
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "WAIT_MS", "chromium", "missing"]
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "WAIT_MS", "chromium"]
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -33,16 +33,6 @@ CHROMIUM_ARGS = [
 ]
 #: Upper bound of every wait in the browser, in milliseconds.
 WAIT_MS = 20_000
-
-
-def missing(message: str) -> None:
-    """Skip the current test, or fail it when ``CI`` is set.
-
-    :param message: What is missing and how to install it.
-    """
-    if "CI" in os.environ:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
 
 
 @contextmanager

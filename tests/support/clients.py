@@ -161,12 +161,20 @@ class ManyStreams:
 
 class Client:
     """One reconnecting raw client: HTTP/1.0, so the body comes unchunked until the server
-    closes it; on close it reconnects with the last event id it saw, like a browser."""
+    closes it; on close it reconnects with the last event id it saw, like a browser.
 
-    def __init__(self, port: int, path: str) -> None:
+    :param port: the server's port.
+    :param path: the request target.
+    :param host: the server's address.
+    """
+
+    def __init__(self, port: int, path: str, host: str = HOST) -> None:
         self.port = port
         self.path = path
+        self.host = host
         self.events: list[ParsedEvent] = []
+        #: When each event arrived (``time.time()``).
+        self.times: list[float] = []
         self.last_id: str | None = None
         self.connects = 0
         self.sock: socket.socket | None = None
@@ -176,9 +184,9 @@ class Client:
 
     def connect(self) -> socket.socket:
         """Open a connection, sending ``Last-Event-ID`` when an event was seen."""
-        sock = socket.create_connection((HOST, self.port), timeout=10)
+        sock = socket.create_connection((self.host, self.port), timeout=10)
         extra = f"Last-Event-ID: {self.last_id}\r\n" if self.last_id else ""
-        request = f"GET {self.path} HTTP/1.0\r\nHost: {HOST}\r\n{extra}\r\n"
+        request = f"GET {self.path} HTTP/1.0\r\nHost: {self.host}\r\n{extra}\r\n"
         sock.sendall(request.encode())
         sock.setblocking(False)
         self.sock = sock
@@ -199,17 +207,26 @@ class Client:
             self._in_body = True
         for event in self._parser.feed(data):
             self.events.append(event)
+            self.times.append(time.time())
             if event.last_event_id:
                 self.last_id = event.last_event_id
 
 
 class Crowd:
-    """Many reconnecting :class:`Client` objects driven by one selector."""
+    """Many reconnecting :class:`Client` objects driven by one selector.
 
-    def __init__(self, port: int, paths: list[str]) -> None:
+    :param port: the server's port.
+    :param paths: one request target per client.
+    :param host: the server's address.
+    :param client: the client class.
+    """
+
+    def __init__(
+        self, port: int, paths: list[str], host: str = HOST, client: type[Client] = Client
+    ) -> None:
         raise_nofile_limit(len(paths) + 256)
         self.selector = selectors.DefaultSelector()
-        self.clients = [Client(port, path) for path in paths]
+        self.clients = [client(port, path, host) for path in paths]
         for client in self.clients:
             self.selector.register(client.connect(), selectors.EVENT_READ, client)
 

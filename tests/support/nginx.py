@@ -25,8 +25,10 @@ from support.procs import (
     descendants,
     free_port,
     kill_all,
+    missing,
     port_accepts,
     read_log,
+    start_logged,
     stop_each,
     wait_for,
 )
@@ -89,11 +91,7 @@ def require_nginx() -> str:
     """
     exe = nginx_executable()
     if exe is None:
-        import pytest  # here: support modules are usable without pytest
-
-        if "CI" in os.environ:
-            pytest.fail(NGINX_MISSING_MESSAGE, pytrace=False)
-        pytest.skip(NGINX_MISSING_MESSAGE)
+        missing(NGINX_MISSING_MESSAGE)
     return exe
 
 
@@ -195,15 +193,7 @@ class NginxServer:
             "-g",
             "daemon off;",
         ]
-        with open(self.directory / "stderr.log", "wb") as stderr:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=self.directory,
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start_logged(cmd, self.directory, self.directory / "stderr.log")
         self.proc = proc
         ok = wait_for(lambda: proc.poll() is not None or port_accepts(self.port), timeout)
         self._track()

@@ -7,8 +7,11 @@ wall-clock time, and every process is signalled by its own pid (never by name), 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -26,6 +29,7 @@ __all__ = [
     "raise_nofile_limit",
     "read_log",
     "stop_each",
+    "terminate",
     "wait_for",
 ]
 
@@ -134,6 +138,23 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """Stop a child process with SIGTERM, and SIGKILL after *timeout* seconds.
+
+    :param proc: The child (no-op if it has exited).
+    :param timeout: Seconds to wait before SIGKILL.
+    """
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def stop_each(stoppers: Iterable[Callable[[], object]]) -> None:
     """Call every stopper, even if some raise; re-raise the first error.
 
@@ -161,3 +182,32 @@ def read_log(path: Path | None) -> str:
         return path.read_bytes().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def missing(message: str) -> None:
+    """Skip the current test, or fail it when ``CI`` is set (where everything must be
+    installed).
+
+    :param message: What is missing and how to install it.
+    """
+    import pytest  # here: the benchmarks use this package without pytest
+
+    if "CI" in os.environ:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def start_logged(cmd: list[str], cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start *cmd* in *cwd* in a session of its own, its output appended to *log_path*.
+
+    :returns: The process; the caller stops it.
+    """
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )

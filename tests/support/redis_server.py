@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from signal import SIGTERM
 
 import redis
 import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from support.procs import HOST, free_port, read_log, stop_each, wait_for
+from support.procs import (
+    HOST,
+    free_port,
+    missing,
+    read_log,
+    start_logged,
+    stop_each,
+    terminate,
+    wait_for,
+)
 
 __all__ = [
     "REDIS_MISSING_MESSAGE",
@@ -48,11 +56,7 @@ def require_redis_server() -> str:
     """
     exe = redis_server_executable()
     if exe is None:
-        import pytest  # here: the benchmarks use this module without pytest
-
-        if "CI" in os.environ:
-            pytest.fail(REDIS_MISSING_MESSAGE, pytrace=False)
-        pytest.skip(REDIS_MISSING_MESSAGE)
+        missing(REDIS_MISSING_MESSAGE)
     return exe
 
 
@@ -65,7 +69,11 @@ class RedisServer:
     """
 
     def __init__(
-        self, work_dir: Path, port: int | None = None, executable: str | None = None
+        self,
+        work_dir: Path,
+        port: int | None = None,
+        executable: str | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         """Prepare (but do not start) a server.
 
@@ -73,6 +81,7 @@ class RedisServer:
         :param port: Port to use; a free one by default.
         :param executable: Path of ``redis-server``; looked up on ``PATH``
             by default.
+        :param args: More command-line options (``--replicaof ...``).
         :raises FileNotFoundError: If ``redis-server`` cannot be found.
         """
         exe = executable or redis_server_executable()
@@ -84,6 +93,7 @@ class RedisServer:
         self.url = f"redis://{HOST}:{self.port}/0"
         self.log_path = work_dir / f"redis-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.args = list(args)
         self._clients: list[redis.Redis] = []
 
     def log_text(self) -> str:
@@ -136,16 +146,9 @@ class RedisServer:
             "no",
             "--protected-mode",
             "no",
+            *self.args,
         ]
-        with open(self.log_path, "ab") as log_file:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=self.work_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start_logged(cmd, self.work_dir, self.log_path)
         self.proc = proc
         ok = wait_for(lambda: proc.poll() is not None or self._ping(), timeout)
         if proc.poll() is not None or not ok:
@@ -167,16 +170,16 @@ class RedisServer:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            try:
-                proc.send_signal(SIGTERM)
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            except ProcessLookupError:
-                proc.wait(timeout=10)
+        terminate(proc, timeout)
         self.proc = None
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would; no-op if it is not running."""
+        self.close_clients()
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
     def running(self) -> bool:
         """Tell whether the server process is running.
