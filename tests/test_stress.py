@@ -286,7 +286,9 @@ class SlowReaders:
                 and client not in self.paused
                 and client.sock is not None
                 and len(client.current.events) > 5
-                and self.rng.random() < 0.01
+                # The first pause comes at once, so that a drop happens while events still
+                # flow however slowly this machine runs; later ones come at random.
+                and (self.rng.random() < 0.01 or (not self.paused and self._dropped == 0))
             ):
                 self.paused[client] = (now, self.dropped(now))
                 self.selector.unregister(client.sock)
@@ -567,7 +569,8 @@ class ThreadClient:
                 if not laggards([self], log):
                     return
             elif self.kind == "slow":
-                if len(conn.events) > 5 and self.rng.random() < 0.02:
+                first = get_state(self.app).totals["dropped"] == 0
+                if len(conn.events) > 5 and (first or self.rng.random() < 0.02):
                     self.pause()
             elif len(conn.events) >= leave_after:
                 return
