@@ -70,6 +70,7 @@ def test_sentinel_urls() -> None:
         ("redis+sentinel://h:port/s", "not a host"),
         ("redis+sentinel:///s", "no host"),
         ("redis+sentinel://h/s?socket_timeout=1", "unknown option"),
+        ("redis+sentinel://[nothost]:1,h/s", "IPv6"),
     ],
 )
 def test_bad_sentinel_urls_are_refused(url: str, problem: str) -> None:
