@@ -70,7 +70,6 @@ def test_sentinel_urls() -> None:
         ("redis+sentinel://h:port/s", "not a host"),
         ("redis+sentinel:///s", "no host"),
         ("redis+sentinel://h/s?socket_timeout=1", "unknown option"),
-        ("redis+sentinel://[nothost]:1,h/s", "IPv6"),
     ],
 )
 def test_bad_sentinel_urls_are_refused(url: str, problem: str) -> None:
@@ -78,6 +77,11 @@ def test_bad_sentinel_urls_are_refused(url: str, problem: str) -> None:
     app.config["SSE_BUS_URL"] = url
     with pytest.raises(ConfigurationError, match=problem):
         app.register_blueprint(SSEBlueprint())
+
+
+def test_a_bracketed_host_must_be_an_ipv6_address() -> None:
+    with pytest.raises(ConfigurationError, match="IPv6"):
+        Target.parse("redis+sentinel://[nothost]:1,h/s")
 
 
 @pytest.mark.parametrize(
