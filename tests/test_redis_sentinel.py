@@ -79,6 +79,11 @@ def test_bad_sentinel_urls_are_refused(url: str, problem: str) -> None:
         app.register_blueprint(SSEBlueprint())
 
 
+def test_a_bracketed_host_must_be_an_ipv6_address() -> None:
+    with pytest.raises(ConfigurationError, match="IPv6"):
+        Target.parse("redis+sentinel://[nothost]:1,h/s")
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [

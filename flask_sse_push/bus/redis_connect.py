@@ -83,7 +83,10 @@ class Target:
 
         :raises ConfigurationError: saying what is wrong with a topology URL.
         """
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # a bracketed host that is no IPv6 address
+            raise _refuse(url, str(exc)) from exc
         scheme = parts.scheme.lower()
         if scheme not in _DEFAULT_PORTS:
             return cls("server", url)
