@@ -13,10 +13,7 @@ is skipped, or failed when ``CI`` is set.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +24,7 @@ import requests
 from support.app import CONF
 from support.browser import WAIT_MS, chromium
 from support.gunicorn import GunicornFactory, GunicornServer, answering
-from support.procs import HOST, REPO_ROOT
+from support.procs import HOST, run_python
 from support.redis_server import RedisFactory
 
 if TYPE_CHECKING:
@@ -89,19 +86,9 @@ def publish(url: str, channel: str, data: Any) -> str:
 
 def publish_offline(env: dict[str, str], events: list[tuple[str, Any]]) -> list[str]:
     """Publish with ``send_event`` from a separate process, with no server running."""
-    done = subprocess.run(
-        [sys.executable, "-c", OFFLINE_PUBLISHER, json.dumps(events)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    ids: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(ids) == len(events), done.stdout
+    out = run_python(["-c", OFFLINE_PUBLISHER, json.dumps(events)], env)
+    ids: list[str] = json.loads(out.strip().splitlines()[-1])
+    assert len(ids) == len(events), out
     return ids
 
 

@@ -13,12 +13,9 @@ Needs the Debian packages ``nginx``, ``openssl``, ``gettext-base`` (``envsubst``
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,7 +28,7 @@ from support.app import CONF
 from support.browser import WAIT_MS, chromium
 from support.gunicorn import GunicornFactory, GunicornServer, answering
 from support.nginx import SITE_TEMPLATE, NginxFactory, NginxServer, placeholders, require_nginx
-from support.procs import REPO_ROOT, TESTS_DIR, free_port, wait_for
+from support.procs import REPO_ROOT, free_port, run_python, wait_for
 from support.redis_server import RedisServer
 from support.tls import OPENSSL_REQ
 
@@ -350,19 +347,9 @@ def fallback_answers(access_log: list[str], channel: str) -> int:
 
 def publish_offline(env: dict[str, str], channel: str, count: int) -> list[str]:
     """Publish *count* events with ``send_event`` from a separate process; return their ids."""
-    done = subprocess.run(
-        [sys.executable, "-m", "apps.publish_script", channel, str(count)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)]), **env},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    ids = done.stdout.split()
-    assert len(ids) == count, done.stdout
+    out = run_python(["-m", "apps.publish_script", channel, str(count)], env)
+    ids = out.split()
+    assert len(ids) == count, out
     return ids
 
 

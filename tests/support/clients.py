@@ -12,7 +12,7 @@ from typing import Any
 
 from sseparse import ParsedEvent, SSEParser
 
-from support.http import StreamClosedError, raw_sse
+from support.http import StreamClosedError, body_after_ok_head, raw_sse
 from support.procs import HOST, raise_nofile_limit
 
 __all__ = [
@@ -200,10 +200,10 @@ class Client:
         """Take bytes from the socket."""
         if not self._in_body:
             self._buffer += data
-            if b"\r\n\r\n" not in self._buffer:
+            body = body_after_ok_head(self._buffer)
+            if body is None:
                 return
-            head, data = self._buffer.split(b"\r\n\r\n", 1)
-            assert head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200"), head
+            data = body
             self._in_body = True
         for event in self._parser.feed(data):
             self.events.append(event)

@@ -181,6 +181,19 @@ def parse_head(head: bytes) -> tuple[str, int, str, list[tuple[str, str]]]:
     return parts[0], int(parts[1]), parts[2] if len(parts) > 2 else "", headers
 
 
+def body_after_ok_head(received: bytes) -> bytes | None:
+    """The body bytes of *received* once its whole header block is there (``None`` before),
+    checking that the status is 200.
+
+    :raises AssertionError: For another status.
+    """
+    if b"\r\n\r\n" not in received:
+        return None
+    head, body = received.split(b"\r\n\r\n", 1)
+    assert head.split(b" ", 2)[1:2] == [b"200"], head
+    return body
+
+
 def header_values(headers: Sequence[tuple[str, str]], name: str) -> list[str]:
     """Return every value of header *name* (case-insensitive), in order.
 

@@ -12,6 +12,7 @@ import os
 import resource
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -211,3 +212,27 @@ def start_logged(cmd: list[str], cwd: Path, log_path: Path) -> subprocess.Popen[
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def run_python(args: Sequence[str], env: dict[str, str] | None = None) -> str:
+    """Run ``python ARGS`` from the repository root with the repository and the tests
+    directory importable, bounded to 30 s; return its standard output.
+
+    :raises AssertionError: When it fails, with its standard error.
+    """
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)]),
+            **(env or {}),
+        },
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
