@@ -11,7 +11,7 @@ from flask.globals import app_ctx, request_ctx
 from flask.sansio.app import App
 from flask.sansio.blueprints import BlueprintSetupState
 
-from . import lifecycle, signals
+from . import direct, lifecycle, signals
 from .bus import Resume, Subscription
 from .encoding import Event, comment, encode_event, reset_event, retry_line, stream_head
 from .errors import ConfigurationError
@@ -218,6 +218,7 @@ class SSEBlueprint(Blueprint):
             max_lifetime=settings.max_lifetime,
             on_close=closed,
             sock=client_socket(request.environ, settings.send_timeout),
+            direct=direct.candidate(request.environ),
             lag=None if metrics is None else metrics.lag,
         )
         setattr(g, _STREAM, stream)

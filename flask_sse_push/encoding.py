@@ -171,6 +171,12 @@ def with_id(event_id: str | bytes | None, body: bytes) -> bytes:
     return b"id: " + event_id + b"\n" + body
 
 
+def chunk(payload: bytes) -> bytes:
+    """*payload* as one HTTP/1.1 chunk, framed as the WSGI server frames what a body yields
+    (for the writes that bypass it, see :mod:`~flask_sse_push.direct`)."""
+    return b"%X\r\n%s\r\n" % (len(payload), payload)
+
+
 def encode_event(event: Event, dumps: Callable[[Any], str], event_id: str | None = None) -> bytes:
     """Validate and encode a whole :class:`Event`; *event_id* overrides ``event.id``.
 

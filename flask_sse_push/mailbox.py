@@ -4,6 +4,10 @@ Every open stream reads from one :class:`Mailbox`: the bus's fan-out fills it fo
 streams, a generator's producer for per-request streams. Filling never blocks, and the
 stream's greenlet (or thread) is woken only when the mailbox goes from empty to non-empty.
 
+While its reader waits with nothing queued, a mailbox given a direct writer
+(:meth:`Mailbox.write_directly`) hands each event's chunk to the socket itself and leaves
+the reader asleep (see :mod:`~flask_sse_push.direct`).
+
 Keep-alives come from one sweeper per process and period (:func:`keep_alive`), which wakes
 the mailboxes nothing was put into for a while: a timer on every wait would cost far more
 per event.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 
 from . import concurrency
 from .reasons import EndReason
@@ -29,7 +34,19 @@ class Mailbox:
     :param limit: how many events may wait.
     """
 
-    __slots__ = ("__weakref__", "_final", "_items", "_limit", "_wake", "active", "reason", "sent")
+    __slots__ = (
+        "__weakref__",
+        "_direct",
+        "_final",
+        "_items",
+        "_limit",
+        "_send",
+        "_wake",
+        "active",
+        "reason",
+        "rest",
+        "sent",
+    )
 
     def __init__(self, limit: int) -> None:
         #: ``None`` while open; why it ended otherwise.
@@ -43,15 +60,53 @@ class Mailbox:
         #: Publish time of a queued event sampled for the delivery-lag metric (``0.0``:
         #: none); the stream observes the lag once it has written the event.
         self.sent = 0.0
+        #: The direct writer, once the stream allows it.
+        self._direct: Callable[[bytes], int] | None = None
+        #: The direct writer while the reader waits with nothing queued, else ``None``.
+        self._send: Callable[[bytes], int] | None = None
+        #: What a direct write left unsent of a chunk; the reader writes it, as is, before
+        #: anything it takes.
+        self.rest = b""
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def push(self, payload: bytes) -> bool:
-        """Queue *payload*; when the queue is full, end with
+    @property
+    def direct(self) -> bool:
+        """Whether events may be written directly (see :meth:`write_directly`)."""
+        return self._direct is not None
+
+    def write_directly(self, send: Callable[[bytes], int]) -> None:
+        """From now on, while the reader waits with nothing queued, :meth:`push` writes
+        with *send* (a socket's non-blocking ``send``) rather than waking it."""
+        self._direct = send
+
+    def push(self, payload: bytes, chunk: bytes = b"") -> bool:
+        """Queue *payload*, or write *chunk* (the same event, framed as the server would)
+        at once when the mailbox writes directly; when the queue is full, end with
         :attr:`~flask_sse_push.EndReason.SLOW` instead and return ``False``."""
         if self.reason is not None:
             return True
+        send = self._send
+        if send is not None and chunk:
+            self.active = True
+            try:
+                sent = send(chunk)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the client is gone
+                self._send = None
+                self.end(EndReason.CLOSED)
+                return True
+            if sent == len(chunk):
+                return True
+            # The socket buffer is full: the reader takes over, and writes first what the
+            # kernel did not take.
+            self._send = None
+            if sent:
+                self.rest = chunk[sent:]
+                self._wake.set()
+                return True
         if len(self._items) >= self._limit:
             self.end(EndReason.SLOW)
             return False
@@ -93,14 +148,19 @@ class Mailbox:
     def take(self, timeout: float | None = None) -> bytes | None:
         """Wait until events are queued, :meth:`ping` is called or *timeout* seconds pass,
         and return queued events joined (``b""`` if none, at most about
-        ``TAKE_BYTES``), or ``None`` once ended."""
+        ``TAKE_BYTES``), or ``None`` once ended. Meanwhile events may be written directly;
+        the caller writes :attr:`rest` first when it is set."""
         items = self._items
         if not items and self.reason is None and self._final is None:
             self._wake.clear()
             # Checked again after clear(): a push between the first check and clear() set the
             # event before it was cleared, and its item is now in the queue.
-            if not items and self.reason is None and self._final is None:
-                self._wake.wait(timeout)
+            if not items and self.reason is None and self._final is None and not self.rest:
+                self._send = self._direct
+                try:
+                    self._wake.wait(timeout)
+                finally:
+                    self._send = None
         if self.reason is not None:
             return None
         if not items:

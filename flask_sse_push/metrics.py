@@ -195,7 +195,9 @@ class Metrics:
         sent = message.time or time.time()
         step = -(-count // SAMPLE_STREAMS) or 1  # ceiling division; none left when all slow
         for sub in itertools.islice(subs, 0, None, step):
-            if not sub.sent:  # an earlier sample not yet written keeps its place
+            if not (len(sub) or sub.rest):  # written directly, already
+                self.lag(time.time() - sent)
+            elif not sub.sent:  # an earlier sample not yet written keeps its place
                 sub.sent = sent
 
     def lag(self, seconds: float) -> None:

@@ -91,7 +91,8 @@ class SSEState:
             log.warning(warning)
 
     def stats(self) -> dict[str, Any]:
-        """Open streams of this process (``pid``, ``streams``, ``channels``, ``bus``), the
+        """Open streams of this process (``pid``, ``streams``, ``channels``, ``bus``, and
+        ``direct``: how many of them the fan-out writes to directly), the
         process's totals since it started (``totals``: streams ``opened`` and ``closed``,
         events ``published``, streams ``dropped`` as slow) and, with a bus shared by several
         processes, the open streams of all (``cluster``, or ``cluster_error`` when they
@@ -102,6 +103,7 @@ class SSEState:
             "bus": self.settings.bus_url.split("://", 1)[0],
             "streams": streams,
             "connections": streams,
+            "direct": self.bus.direct_count(),
             "channels": self.bus.channel_counts(),
             "totals": {name: self.totals[name] for name in TOTALS},
         }

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import itertools
 import socket
+import sys
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 
 from flask import Response
 
-from . import concurrency, lifecycle, mailbox, shutdown
+from . import concurrency, direct, lifecycle, mailbox, shutdown
 from .bus.base import Bus, Subscription
 from .encoding import KEEPALIVE, end_comment
 from .errors import BusError
@@ -82,6 +83,8 @@ class StreamBody:
     :param head: bytes written at once (retry hint, replay and initial state when known).
     :param keepalive: seconds of silence before a keep-alive comment (``0``: never).
     :param sock: the client's socket, cut by :meth:`abort`.
+    :param direct: the client's socket when the fan-out may write to it directly (see
+        :func:`~flask_sse_push.direct.candidate`).
     :param on_close: called once when the stream is over.
     :param lag: called with the seconds from publishing to writing of each sampled event
         (see :attr:`Mailbox.sent <flask_sse_push.mailbox.Mailbox.sent>`).
@@ -94,6 +97,7 @@ class StreamBody:
         *,
         keepalive: float,
         sock: socket.socket | None = None,
+        direct: socket.socket | None = None,
         on_close: Callable[[], None] | None = None,
         lag: Callable[[float], None] | None = None,
     ) -> None:
@@ -101,6 +105,7 @@ class StreamBody:
         self._head = head
         self._keepalive = keepalive
         self._sock = sock
+        self._direct = direct
         self._lag = lag
         # The running iteration holds the body; the body holds it only weakly.
         self._iteration: weakref.ref[Generator[bytes, None, None]] | None = None
@@ -181,8 +186,16 @@ class StreamBody:
             if not (yield from self._opening()):
                 yield end_comment(str(box.reason))
                 return
+            if self._direct is not None:
+                # The frame asking for the next bytes is whatever iterates this body.
+                send = direct.writer(self._direct, sys._getframe().f_back)
+                if send is not None:
+                    box.write_directly(send)
             while True:
                 data = box.take(self._timeout())
+                wrote = bool(box.rest)
+                if wrote and not self._write_rest():
+                    return
                 if data:
                     sent = box.sent  # 0.0 unless a sampled event is among them (metrics)
                     if sent:
@@ -194,10 +207,22 @@ class StreamBody:
                     if box.reason is not EndReason.DONE:
                         yield end_comment(str(box.reason))
                     return
-                elif self._keepalive:
+                elif self._keepalive and not wrote:
                     yield KEEPALIVE
         finally:
             self._finish()
+
+    def _write_rest(self) -> bool:
+        """Write what a direct write left of a chunk, as is (it is framed already); return
+        ``False`` when the connection failed."""
+        rest, self.box.rest = self.box.rest, b""
+        try:
+            assert self._direct is not None
+            self._direct.sendall(rest)
+        except OSError:
+            self.box.end(EndReason.CLOSED)
+            return False
+        return True
 
 
 class BusStream(StreamBody):

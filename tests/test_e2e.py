@@ -163,6 +163,7 @@ def test_thousands_of_connect_disconnect_cycles_leave_nothing_behind(
         "bus": "memory",
         "streams": 0,
         "connections": 0,
+        "direct": 0,
         "channels": {},
         "totals": {"opened": 10000, "closed": 10000, "published": 0, "dropped": 0},
     }

@@ -255,6 +255,11 @@ class Bus(ABC):
         """Open streams in this process."""
         return len(self.fanout)
 
+    def direct_count(self) -> int:
+        """Open streams of this process that the fan-out writes to directly (see
+        :mod:`~flask_sse_push.direct`)."""
+        return self.fanout.direct_count()
+
     def hold_place(self, limit: int) -> bool:
         """Hold a place for a stream about to subscribe, unless this process's open streams
         and held places reach *limit*; return whether one is held. Checking the limit and

@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import mailbox
+from ..encoding import chunk
 from ..reasons import EndReason
 
 if TYPE_CHECKING:
@@ -102,9 +103,10 @@ class Fanout:
         if not subs:
             return
         payload = message.payload
+        framed = chunk(payload)  # once per event, for the streams written directly
         slow: list[Subscription] = []
         for sub in subs:
-            if not sub.push(payload):
+            if not sub.push(payload, framed):
                 slow.append(sub)
         for sub in slow:
             self.remove(sub)
@@ -123,6 +125,10 @@ class Fanout:
             sub.end(reason)
             self.remove(sub)
         return len(chosen)
+
+    def direct_count(self) -> int:
+        """Subscriptions written to directly (see :mod:`~flask_sse_push.direct`)."""
+        return sum(1 for sub in list(self._all) if sub.direct)
 
     def counts(self) -> dict[str, int]:
         """Open subscriptions per channel. Callers hold :attr:`lock`."""

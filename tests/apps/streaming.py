@@ -114,3 +114,23 @@ def boom() -> Response:
 def closed() -> Response:
     """Which per-request generators were closed."""
     return jsonify(GENERATORS_CLOSED)
+
+
+def _passing_through(wsgi_app: Any) -> Any:
+    """A WSGI middleware that iterates the app's body itself, as a compressing or
+    profiling middleware does."""
+
+    def middleware(environ: Any, start_response: Any) -> Iterator[bytes]:
+        body = wsgi_app(environ, start_response)
+        try:
+            yield from body
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+
+    return middleware
+
+
+if os.environ.get("TEST_WRAP_BODY") == "1":
+    app.wsgi_app = _passing_through(app.wsgi_app)  # type: ignore[method-assign]
