@@ -157,6 +157,29 @@ def test_sentinel_over_tls_survives_a_primary_kill(
     _check_wrong_ca(apps, _wrong_ca(deployment.url, certificate, other_ca))
 
 
+def test_plaintext_sentinels_in_front_of_tls_servers(
+    deployments: Deployments, tmp_path: Path, certificate: RedisTls, apps: Apps
+) -> None:
+    """``sentinel_ssl=false``: the bus asks the sentinels in plaintext and speaks TLS to the
+    primary they name (which listens to nothing else)."""
+    sentinel_exe = redis_sentinel_executable()
+    if sentinel_exe is None:
+        pytest.skip(SENTINEL_MISSING_MESSAGE)
+    made = SentinelSet(
+        tmp_path, require_redis_server(), sentinel_exe, 1, certificate, plaintext_sentinels=True
+    )
+    deployment = deployments(made)
+    assert "sentinel_ssl=false" in deployment.url
+    app = apps(deployment.url)
+    with open_stream(app) as reader:
+        with app.app_context():
+            event_id = send_event("mixed", channel="a")
+        assert [(e.data, e.id) for e in reader.events(count=1, timeout=10)] == [("mixed", event_id)]
+    tls_url = deployment.url.replace("&sentinel_ssl=false", "")
+    with apps(tls_url).app_context(), pytest.raises(PublishError, match="did not answer in TLS"):
+        send_event("x", channel="a")
+
+
 def test_cluster_over_tls_delivers_and_resumes_on_another_worker(
     deployments: Deployments,
     tmp_path: Path,

@@ -92,6 +92,7 @@ def tls_options(options: dict[str, str]) -> tuple[dict[str, Any], bool]:
     return kwargs, sentinel_tls
 
 
+_SILENT = "no answer to the TLS handshake"
 _SSL_SIGNS = ("[SSL", "_ssl.c", "CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
 
 
@@ -101,7 +102,7 @@ def _hint(text: str) -> str:
             "the server's certificate was not accepted: check that ssl_ca_certs names the CA "
             "that signed it and that it names the host connected to (or ssl_check_hostname)"
         )
-    elif "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+    elif any(sign in text for sign in ("WRONG_VERSION_NUMBER", "record layer", _SILENT)):
         what = "the server did not answer in TLS: check that its port is its tls-port"
     else:
         what = (
@@ -126,10 +127,11 @@ def _context(tls: dict[str, Any]) -> ssl.SSLContext:
 
 def handshake_error(
     nodes: Iterable[tuple[str, int]], tls: dict[str, Any], timeout: float
-) -> ssl.SSLError | None:
-    """The TLS error of a handshake (and one ``PING``) with the first of *nodes* that takes
-    a TCP connection, made as the bus makes its connections; ``None`` when it worked or no
-    node answered. (redis-py's Sentinel errors keep no text of the error behind them.)"""
+) -> str | None:
+    """What failed in a TLS handshake (and one ``PING``) with the first of *nodes* that
+    takes a TCP connection, made as the bus makes its connections; ``None`` when it worked
+    or no node answered. (redis-py's Sentinel errors keep no text of the error behind
+    them.)"""
     context = _context(tls)
     for host, port in nodes:
         try:
@@ -144,23 +146,25 @@ def handshake_error(
                 tls_sock.sendall(b"PING\r\n")
                 tls_sock.recv(64)  # TLS 1.3 servers refuse a client certificate only here
             except ssl.SSLError as exc:
-                return exc
+                return str(exc)
+            except TimeoutError:  # a plaintext server waits for the end of a command line
+                return _SILENT
             except OSError:
                 return None
         return None
     return None
 
 
-def tls_hint(exc: BaseException, probe: Callable[[], ssl.SSLError | None] | None = None) -> str:
+def tls_hint(exc: BaseException, probe: Callable[[], str | None] | None = None) -> str:
     """A sentence saying what to check when *exc* comes from a failed TLS handshake; ``""``
     otherwise.
 
     :param exc: what redis-py raised.
-    :param probe: asked for the TLS error when the text of *exc* shows none (for a TLS
+    :param probe: asked what failed when the text of *exc* shows no TLS error (for a TLS
         target: :func:`handshake_error`).
     """
     text = str(exc)
     if any(sign in text for sign in _SSL_SIGNS):
         return _hint(text)
     found = probe() if probe is not None and isinstance(exc, Exception) else None
-    return "" if found is None else _hint(str(found))
+    return "" if found is None else _hint(found)

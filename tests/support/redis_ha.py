@@ -125,6 +125,7 @@ class SentinelServer:
         primary_port: int,
         quorum: int,
         tls: RedisTls | None = None,
+        plaintext: bool = False,
     ) -> None:
         """Write its configuration (it rewrites the file as it learns); start nothing yet.
 
@@ -133,18 +134,19 @@ class SentinelServer:
         :param primary_port: Port of the primary to watch.
         :param quorum: Sentinels that must agree the primary is down.
         :param tls: Speak TLS only, to clients, servers and sentinels, with this certificate.
+        :param plaintext: With *tls*: speak TLS to the servers only, plaintext to clients
+            and to the other sentinels.
         """
         self.work_dir = work_dir
         self.executable = executable
         self.port = free_port()
-        self.tls = tls
+        self.tls = None if plaintext else tls
         self.config = work_dir / "sentinel.conf"
         self.log_path = work_dir / "sentinel.log"
         listen = f"port {self.port}\n"
         if tls is not None:
-            listen = f"port 0\ntls-port {self.port}\n" + "".join(
-                f"{name} {value}\n" for name, value in tls.server_options().items()
-            )
+            listen = f"port 0\ntls-port {self.port}\n" if self.tls else listen
+            listen += "".join(f"{name} {value}\n" for name, value in tls.server_options().items())
         self.config.write_text(
             listen + f"bind {HOST}\n"
             "protected-mode no\n"
@@ -206,6 +208,7 @@ class SentinelSet:
         sentinel_exe: str,
         replicas: int,
         tls: RedisTls | None = None,
+        plaintext_sentinels: bool = False,
     ) -> None:
         """Prepare the deployment in *work_dir*; :meth:`start` starts it.
 
@@ -214,11 +217,14 @@ class SentinelSet:
         :param sentinel_exe: Path of ``redis-sentinel``.
         :param replicas: How many replicas.
         :param tls: Every process speaks TLS only, with this certificate.
+        :param plaintext_sentinels: With *tls*: the sentinels speak plaintext to clients
+            (and to each other), TLS to the servers.
         """
         self.work_dir = work_dir
         self.redis_exe = redis_exe
         self.sentinel_exe = sentinel_exe
         self.tls = tls
+        self.plaintext_sentinels = plaintext_sentinels
         self.primary = RedisServer(
             self._dir("primary"),
             executable=redis_exe,
@@ -248,7 +254,8 @@ class SentinelSet:
         with the certificate's files as its query with TLS)."""
         hosts = ",".join(f"{HOST}:{s.port}" for s in self.sentinels)
         if self.tls is not None:
-            return f"rediss+sentinel://{hosts}/{SERVICE}/0?{self.tls.query()}"
+            mixed = "&sentinel_ssl=false" if self.plaintext_sentinels else ""
+            return f"rediss+sentinel://{hosts}/{SERVICE}/0?{self.tls.query()}{mixed}"
         return f"redis+sentinel://{hosts}/{SERVICE}/0"
 
     def start(self, timeout: float = 30) -> SentinelSet:
@@ -263,7 +270,12 @@ class SentinelSet:
             server.start()
         self.sentinels = [
             SentinelServer(
-                self._dir(f"sentinel{i}"), self.sentinel_exe, self.primary.port, 2, self.tls
+                self._dir(f"sentinel{i}"),
+                self.sentinel_exe,
+                self.primary.port,
+                2,
+                self.tls,
+                self.plaintext_sentinels,
             )
             for i in range(3)
         ]
