@@ -11,7 +11,7 @@ The topology URLs have the shapes other Python tools give them::
 Sentinels default to port 26379, cluster nodes to 6379. The user and password are those of
 the Redis servers; sentinels that want a password of their own get it from the query
 parameters ``sentinel_username`` and ``sentinel_password``. The TLS forms take the TLS
-query parameters of :mod:`.redis_tls`.
+query parameters of ``redis_tls``.
 
 No client of the bus retries a command by itself: a retry after a lost reply could publish
 an event twice. The bus reconnects where that is safe (the receiver, a new publish).
@@ -309,7 +309,7 @@ class Connector:
 
     def tls_hint(self, exc: BaseException) -> str:
         """What to check when *exc* comes from a failed TLS handshake (``""`` otherwise),
-        trying one handshake when the error does not say (see :func:`.redis_tls.tls_hint`)."""
+        trying one handshake when the error does not say (see ``redis_tls.tls_hint``)."""
         target = self.target
         exceptions = importlib.import_module("redis.exceptions")
         unreachable = (exceptions.ConnectionError, exceptions.RedisClusterException)
