@@ -10,6 +10,7 @@ Also the link itself: delay, order and stalls, on an echo server.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import statistics
 import threading
@@ -52,7 +53,7 @@ def _echo_server() -> tuple[socket.socket, threading.Thread]:
 
     def serve_one() -> None:
         conn, _ = listener.accept()
-        with conn:
+        with conn, contextlib.suppress(ConnectionResetError):  # the link resets it
             for _ in range(10_000):
                 data = conn.recv(65536)
                 if not data:
@@ -64,7 +65,7 @@ def _echo_server() -> tuple[socket.socket, threading.Thread]:
     return listener, thread
 
 
-def test_the_link_delays_keeps_order_and_stalls(agents: Callable[..., Agent]) -> None:
+def test_the_link_delays_keeps_order_stalls_and_resets(agents: Callable[..., Agent]) -> None:
     listener, thread = _echo_server()
     try:
         link = agents("support.lossy_link", HOST, "0", HOST, str(listener.getsockname()[1]), "7")
@@ -84,8 +85,14 @@ def test_the_link_delays_keeps_order_and_stalls(agents: Callable[..., Agent]) ->
             assert time.monotonic() - sent >= 0.4  # a stall each way
             assert link.ask({"cmd": "set", "jitter": 1.0}).get("error")
             assert link.ask({"cmd": "cut"}) == {"cut": 1}
-            assert sock.recv(4) == b""
+            with pytest.raises(ConnectionResetError):
+                sock.recv(4)
         assert received == b"".join(b"%04d" % n for n in range(20)) + b"late"
+        link.ask({"cmd": "set", "stall_probability": 0.0, "cut_probability": 1.0})
+        with socket.create_connection((HOST, link.started["started"]), timeout=5) as sock:
+            sock.sendall(b"cut")
+            with pytest.raises(ConnectionResetError):
+                sock.recv(4)
         assert link.ask({"cmd": "stats"})["stalls"] == 2
     finally:
         listener.close()
