@@ -24,7 +24,8 @@ SSE_DEFAULT_CHANNEL = "SSE_DEFAULT_CHANNEL"
 #: Reconnection delay in milliseconds sent to clients when they connect (``None``: not sent).
 SSE_RETRY = "SSE_RETRY"
 #: Which bus carries events: ``memory://`` (one process), ``redis://host:port/db``,
-#: ``redis+sentinel://host:port,.../service/db`` or ``redis+cluster://host:port,...``.
+#: ``redis+sentinel://host:port,.../service/db`` or ``redis+cluster://host:port,...``
+#: (``rediss+sentinel://``, ``rediss+cluster://`` over TLS).
 SSE_BUS_URL = "SSE_BUS_URL"
 #: Events the bus keeps for ``Last-Event-ID`` replay.
 SSE_HISTORY_SIZE = "SSE_HISTORY_SIZE"

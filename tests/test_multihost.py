@@ -1,21 +1,21 @@
 """Several hosts, made of network namespaces: Redis on one, two app hosts each running
 ``gunicorn -k gevent -w 2``, haproxy in front, 2,000 stream clients on a fifth, and a
 publishing script on a sixth. Events published from both app hosts and from the script
-reach every client once, in order; then an app host is cut from Redis for 10 s (its streams
-stay open, then catch up) and the other app host is killed whole (its clients reconnect
-through haproxy and resume).
+reach every client once, in order; then app2's link to Redis turns slow and lossy for 15 s
+(50 ms ± 20 ms each way, 200 ms stalls, one reset: every event still reaches every client,
+later); then app2 is cut from Redis for 10 s (its streams stay open, then catch up) and
+app1 is killed whole (its clients reconnect through haproxy and resume).
 
 Not in the default run (marker ``multihost``; it needs root, ``ip`` and haproxy, and takes
-about two minutes): ``.venv/bin/python -m pytest -m multihost -s tests/test_multihost.py``.
-This kernel has no ``netem``, so the links have no added latency; a partition is a link
-taken down.
+about three minutes): ``.venv/bin/python -m pytest -m multihost -s tests/test_multihost.py``.
+This kernel has no ``netem``: app2 reaches Redis through :mod:`support.lossy_link`, run in
+app2's namespace, which adds the latency and the loss; a partition is a link taken down.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-import select
 import shutil
 import subprocess
 import sys
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.agents import AGENT_ENV, Agent, acked, checked, python_module
 from support.netns import Host, Lab, lab_missing
-from support.procs import REPO_ROOT, TESTS_DIR, read_log
+from support.procs import REPO_ROOT, TESTS_DIR
 from support.redis_server import require_redis_server
 
 pytestmark = pytest.mark.multihost
@@ -40,40 +41,21 @@ GUNICORN = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "2"]
 GUNICORN += ["-c", "python:flask_sse_push.gunicorn_conf"]
 
 
-AGENT = [sys.executable, "-m", "support.netload"]
-AGENT_ENV = {"PYTHONPATH": f"{REPO_ROOT}:{TESTS_DIR}", "PYTHONUNBUFFERED": "1"}
+LOSSY = {"delay": 0.05, "jitter": 0.02, "stall_probability": 0.03, "stall": 0.2}
+LINK_PORT = 6380  # app2's way to Redis, on its loopback
 
 
-class Agent:
-    """A :mod:`support.netload` process in a host, spoken to in JSON lines."""
-
-    def __init__(self, host: Host, *args: str, log: Path) -> None:
-        self.proc = host.popen(
-            [*AGENT, *args],
-            env=AGENT_ENV,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            cwd=TESTS_DIR,
-            log=log,
-        )
-        self.log = log
-        self.read(60)  # {"started": ...}
-
-    def read(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        ready = select.select([self.proc.stdout], [], [], timeout)[0]
-        line = self.proc.stdout.readline() if ready else b""
-        if not line:
-            why = f"exit {self.proc.poll()}; stderr:\n{read_log(self.log)[-2000:]}"
-            raise AssertionError(f"agent {self.proc.args[4:]} did not answer ({why})")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
-    def ask(self, command: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(command) + "\n").encode())
-        self.proc.stdin.flush()
-        return self.read(timeout)
+def _agent(host: Host, log: Path, module: str, *args: str) -> Agent:
+    """An agent (:mod:`support.netload`, :mod:`support.lossy_link`) inside *host*."""
+    proc = host.popen(
+        python_module(module, *args),
+        env=AGENT_ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=TESTS_DIR,
+        log=log,
+    )
+    return Agent(proc, log)
 
 
 def _wait(condition: Any, timeout: float, interval: float = 0.5) -> float | None:
@@ -125,7 +107,8 @@ def lab() -> Iterator[Lab]:
         yield made
 
 
-def _start_hosts(lab: Lab, work: Path) -> dict[str, Host]:
+def _start_hosts(lab: Lab, work: Path) -> tuple[dict[str, Host], Agent]:
+    """Start every host's processes; return the hosts and app2's link to Redis."""
     hosts = {
         "redis": lab.add_host("redis", {"back": 10}),
         "app1": lab.add_host("app1", {"front": 11, "back": 11}),
@@ -142,13 +125,20 @@ def _start_hosts(lab: Lab, work: Path) -> dict[str, Host]:
     )
     ping = ["redis-cli", "-h", redis_at, "ping"]
     assert _wait(lambda: hosts["ops"].run(ping).stdout.strip() == "PONG", 20), "no Redis"
+    link = _agent(
+        hosts["app2"],
+        work / "link.log",
+        "support.lossy_link",
+        *("127.0.0.1", str(LINK_PORT), redis_at, "6379", "12"),
+    )
+    bus_urls = {"app1": f"redis://{redis_at}:6379/0", "app2": f"redis://127.0.0.1:{LINK_PORT}/0"}
     for name in ("app1", "app2"):
         host = hosts[name]
         (work / name).mkdir()
         env = {
             "PYTHONPATH": f"{REPO_ROOT}:{TESTS_DIR}",
             "XDG_RUNTIME_DIR": str(work / name),
-            "SSE_BUS_URL": json.dumps(f"redis://{redis_at}:6379/0"),
+            "SSE_BUS_URL": json.dumps(bus_urls[name]),
             "SSE_REDIS_KEY": json.dumps(KEY),
             "SSE_KEEPALIVE": "2",
             "SSE_PUBLISH_TIMEOUT": "1",
@@ -168,46 +158,29 @@ def _start_hosts(lab: Lab, work: Path) -> dict[str, Host]:
     urls = [[f"http://{front[n]}:8000/health"] for n in ("app1", "app2")]
     urls.append([f"http://{front['lb']}:8404/stats;csv", "app1", "app2"])
     for url in urls:
-        waited = hosts["client"].run(
-            [*AGENT, "wait-http", url[0], "30", *url[1:]], timeout=40, env=AGENT_ENV, cwd=TESTS_DIR
-        )
+        wait = python_module("support.netload", "wait-http", url[0], "30", *url[1:])
+        waited = hosts["client"].run(wait, timeout=40, env=AGENT_ENV, cwd=TESTS_DIR)
         assert waited.returncode == 0, waited.stdout + waited.stderr
-    return hosts
+    return hosts, link
 
 
 def _all_open(agents: list[Agent]) -> bool:
     return all(a.ask({"cmd": "status"})["open"] == CLIENTS // AGENTS for a in agents)
 
 
-def _acked(publishers: list[Agent], command: str = "acked", failed: Any = None) -> dict[str, float]:
-    """The ids the publishers got back so far, with their publish times; the failures
-    (time, source, why) go into *failed*."""
-    acked: dict[str, float] = {}
-    for publisher in publishers:
-        reply = publisher.ask({"cmd": command})
-        acked.update({event_id: t for event_id, t, _ in reply["acked"]})
-        if failed is not None:
-            failed += reply["failed"]
-    return acked
-
-
-def _checked(agents: list[Agent], expected: dict[str, float]) -> dict[str, Any]:
-    """What the clients of every agent received of *expected*, summed up."""
-    results = [agent.ask({"cmd": "check", "expected": expected}, 120) for agent in agents]
-    total = {k: sum(r[k] for r in results) for k in ("missing", "clients_missing", "duplicates")}
-    total.update({k: sum(r[k] for r in results) for k in ("out_of_order", "resets", "connects")})
-    total["missing_sample"] = next((r["missing_sample"] for r in results if r["missing"]), [])
-    total["lag_p50_s"] = round(max(r["lag_p50"] or 0 for r in results), 3)
-    total["lag_max_s"] = round(max(r["lag_max"] or 0 for r in results), 3)
-    total["expected"] = len(expected)
-    return total
-
-
 def test_several_hosts(lab: Lab, tmp_path: Path) -> None:
-    hosts = _start_hosts(lab, tmp_path)
+    hosts, link = _start_hosts(lab, tmp_path)
     lb, client = hosts["lb"].address("front"), hosts["client"]
     agents = [
-        Agent(client, "clients", lb, "8080", str(CLIENTS // AGENTS), log=tmp_path / f"c{i}.log")
+        _agent(
+            client,
+            tmp_path / f"c{i}.log",
+            "support.netload",
+            "clients",
+            lb,
+            "8080",
+            str(CLIENTS // AGENTS),
+        )
         for i in range(AGENTS)
     ]
     opened = _wait(lambda: _all_open(agents), 60)
@@ -215,22 +188,25 @@ def test_several_hosts(lab: Lab, tmp_path: Path) -> None:
     apps = ",".join(f"{hosts[n].address('front')}:8000" for n in ("app1", "app2"))
     redis_url = f"redis://{hosts['redis'].address('back')}:6379/0"
     publishers = [
-        Agent(client, "publish-http", str(INTERVAL), apps, log=tmp_path / "http.log"),
-        Agent(
+        _agent(
+            client, tmp_path / "http.log", "support.netload", "publish-http", str(INTERVAL), apps
+        ),
+        _agent(
             hosts["ops"],
-            "publish-redis",
-            str(INTERVAL),
-            redis_url,
-            KEY,
-            log=tmp_path / "script.log",
+            tmp_path / "script.log",
+            "support.netload",
+            *("publish-redis", str(INTERVAL), redis_url, KEY),
         ),
     ]
     figures: dict[str, Any] = {"clients connected in s": round(opened, 1)}
 
     # Steady: every event reaches every client.
     time.sleep(10)
-    steady = _acked(publishers)
-    figures["steady"] = _checked(agents, steady)
+    steady = acked(publishers)
+    figures["steady"] = checked(agents, steady)
+
+    # app2's link to Redis slow and lossy for 15 s, reset once: every event still arrives.
+    figures["slow lossy link"] = _slow_lossy_link(link, agents, publishers)
 
     # app2 cut from Redis for 10 s: its streams stay open, then catch up.
     before = sum(a.ask({"cmd": "status"})["connects"] for a in agents)
@@ -238,14 +214,14 @@ def test_several_hosts(lab: Lab, tmp_path: Path) -> None:
     time.sleep(10)
     hosts["app2"].set_link("back", up=True)
     back_at = time.time()
-    during = {i: t for i, t in _acked(publishers).items() if t < back_at}
+    during = {i: t for i, t in acked(publishers).items() if t < back_at}
 
     def caught_up() -> bool:
-        return _checked(agents, during)["missing"] == 0
+        return checked(agents, during)["missing"] == 0
 
     waited = _wait(caught_up, 60, 1.0)
     figures["caught up after the link came back, s"] = None if waited is None else round(waited, 1)
-    figures["after the cut"] = _checked(agents, during)
+    figures["after the cut"] = checked(agents, during)
     figures["reconnects during the cut"] = (
         sum(a.ask({"cmd": "status"})["connects"] for a in agents) - before
     )
@@ -259,10 +235,10 @@ def test_several_hosts(lab: Lab, tmp_path: Path) -> None:
     # Its clients reconnect through haproxy to app2 and resume: every client gets the events
     # published after the kill (the script publishes all along).
     time.sleep(2)
-    after = {i: t for i, t in _acked(publishers).items() if t > killed_at}
+    after = {i: t for i, t in acked(publishers).items() if t > killed_at}
 
     def resumed() -> bool:
-        return _all_open(agents) and _checked(agents, after)["missing"] == 0
+        return _all_open(agents) and checked(agents, after)["missing"] == 0
 
     waited = _wait(resumed, 60, 1.0)
     figures["every client has the events after the kill, s after it"] = (
@@ -273,13 +249,11 @@ def test_several_hosts(lab: Lab, tmp_path: Path) -> None:
     )
     time.sleep(8)
     failed: list[Any] = []
-    final = _acked(publishers, "stop", failed)
-    figures["publishes failed (source: count)"] = {
-        source: sum(f[1] == source for f in failed) for source in {f[1] for f in failed}
-    }
+    final = acked(publishers, "stop", failed)
+    figures["publishes failed (source: count)"] = _by_source(failed)
     after_kill = {i: t for i, t in final.items() if t > killed_at}
-    _wait(lambda: _checked(agents, final)["missing"] == 0, 30, 1.0)
-    results = _checked(agents, final)
+    _wait(lambda: checked(agents, final)["missing"] == 0, 30, 1.0)
+    results = checked(agents, final)
     figures["final"] = results
     figures["events acknowledged"] = len(final)
     figures["acknowledged after the kill"] = len(after_kill)
@@ -290,6 +264,40 @@ def test_several_hosts(lab: Lab, tmp_path: Path) -> None:
     assert CLIENTS / 4 < figures["reconnects after the kill"] < CLIENTS
     assert (results["missing"], results["duplicates"], results["out_of_order"]) == (0, 0, 0)
     assert results["resets"] == 0
+
+
+def _slow_lossy_link(link: Agent, agents: list[Agent], publishers: list[Agent]) -> dict[str, Any]:
+    """app2 reaches Redis through a link with :data:`LOSSY` for 15 s, every connection reset
+    at 7 s; what the clients received of the events published meanwhile."""
+    started = time.time()
+    link.ask({"cmd": "set", **LOSSY})
+    time.sleep(7)
+    cut = link.ask({"cmd": "cut"})["cut"]
+    time.sleep(8)
+    link.ask({"cmd": "set", "delay": 0.0, "jitter": 0.0, "stall_probability": 0.0})
+    ended = time.time()
+    failed: list[Any] = []
+    during = {i: t for i, t in acked(publishers, failed=failed).items() if started <= t < ended}
+    waited = _wait(lambda: checked(agents, during)["missing"] == 0, 60, 1.0)
+    result = checked(agents, during)
+    stats = link.ask({"cmd": "stats"})
+    figures = {
+        "caught up after the link was clean again, s": None if waited is None else round(waited, 1),
+        "connections reset": cut,
+        "stalls": stats["stalls"],
+        "publishes failed (source: count)": _by_source(
+            [f for f in failed if started <= f[0] < ended]
+        ),
+        **result,
+    }
+    assert waited is not None, figures
+    assert (result["missing"], result["duplicates"], result["out_of_order"]) == (0, 0, 0)
+    assert result["resets"] == 0
+    return figures
+
+
+def _by_source(failed: list[Any]) -> dict[str, int]:
+    return {source: sum(f[1] == source for f in failed) for source in {f[1] for f in failed}}
 
 
 def test_the_lab_cleans_up_after_a_failure() -> None:

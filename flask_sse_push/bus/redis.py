@@ -28,7 +28,7 @@ from ..encoding import with_id
 from ..errors import BusError, PublishError
 from ..reasons import EndReason
 from .base import Bus, Message, Reset, Resume, Subscription
-from .redis_connect import SENTINEL_SCHEME, Connector, Target, errors, refused
+from .redis_connect import TOPOLOGY_SCHEMES, Connector, Target, errors, refused
 from .redis_history import CONTROL, History, Position, Unconfirmed, entry_id, stream_shaped
 from .redis_receiver import Receiver, read_stats
 
@@ -114,7 +114,7 @@ class _Resumption:
 class RedisBus(Bus):
     """A bus on a Redis stream shared by every process of the app."""
 
-    schemes = ("redis", "rediss", "unix", SENTINEL_SCHEME, "redis+cluster")
+    schemes = ("redis", "rediss", "unix", *TOPOLOGY_SCHEMES)
     dependencies = {"redis": "redis"}  # noqa: RUF012 - read-only
 
     client: redis.Redis
@@ -216,6 +216,9 @@ class RedisBus(Bus):
     def _failed(self, exc: Exception) -> str:
         """Why a publish failed, and what to do."""
         where = self.target.describe()
+        hint = self.connector.tls_hint(exc)
+        if hint:
+            return f"could not publish to {where}; the event was not sent.{hint}"
         if isinstance(exc, self.redis.TimeoutError):
             return (
                 f"{where} did not answer within SSE_PUBLISH_TIMEOUT ({self.options.timeout} s); "
@@ -358,10 +361,10 @@ class RedisBus(Bus):
         client = self._client
         try:
             client.ping()
-        except self.redis.RedisError as exc:
+        except self.errors as exc:
             return (
                 f"Redis did not answer PING within {self.options.timeout:g} s "
-                f"({type(exc).__name__})"
+                f"({type(exc).__name__}){self.connector.tls_hint(exc)}"
             )
         if self._receiver is not None and not self._receiver.connected:
             return "the Redis receiver of this process is not connected"

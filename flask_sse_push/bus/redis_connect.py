@@ -1,15 +1,17 @@
 """Where the Redis bus connects, and how its clients are made: one server (``redis://``,
 ``rediss://``, ``unix://``), a primary that Redis Sentinel manages (``redis+sentinel://``),
-or a Redis Cluster (``redis+cluster://``).
+or a Redis Cluster (``redis+cluster://``), each also over TLS (``rediss+sentinel://``,
+``rediss+cluster://``).
 
-The two topology URLs have the shapes other Python tools give them::
+The topology URLs have the shapes other Python tools give them::
 
-    redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]
-    redis+cluster://[[user]:password@]host[:port][,host[:port]...][/]
+    redis[s]+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]
+    redis[s]+cluster://[[user]:password@]host[:port][,host[:port]...][/]
 
 Sentinels default to port 26379, cluster nodes to 6379. The user and password are those of
 the Redis servers; sentinels that want a password of their own get it from the query
-parameters ``sentinel_username`` and ``sentinel_password``.
+parameters ``sentinel_username`` and ``sentinel_password``. The TLS forms take the TLS
+query parameters of ``redis_tls``.
 
 No client of the bus retries a command by itself: a retry after a lost reply could publish
 an event twice. The bus reconnects where that is safe (the receiver, a new publish).
@@ -25,13 +27,23 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..config import SSE_BUS_URL
 from ..errors import ConfigurationError
+from .redis_tls import TLS_OPTIONS, TlsOptionError, handshake_error, tls_hint, tls_options
 
 if TYPE_CHECKING:
     import redis
 
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
-_DEFAULT_PORTS = {SENTINEL_SCHEME: 26379, CLUSTER_SCHEME: 6379}
+#: Scheme -> (kind, over TLS).
+_SCHEMES = {
+    SENTINEL_SCHEME: ("sentinel", False),
+    "rediss+sentinel": ("sentinel", True),
+    CLUSTER_SCHEME: ("cluster", False),
+    "rediss+cluster": ("cluster", True),
+}
+_DEFAULT_PORTS = {"sentinel": 26379, "cluster": 6379}
+#: The topology schemes, each a key of :data:`_SCHEMES`.
+TOPOLOGY_SCHEMES = tuple(_SCHEMES)
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 #: Connections the publishing pool of a process holds at most (one server, Sentinel).
 POOL_SIZE = 10
@@ -40,6 +52,7 @@ POOL_SIZE = 10
 def _refuse(url: str, problem: str) -> ConfigurationError:
     shapes = (
         "redis+sentinel://host:26379,host:26380/service/0 or redis+cluster://host:7000,host:7001/"
+        " (rediss+sentinel:// and rediss+cluster:// over TLS, with ssl_* parameters)"
     )
     return ConfigurationError(f"{SSE_BUS_URL} = {url!r}: {problem}; the shapes are {shapes}.")
 
@@ -67,6 +80,8 @@ class Target:
     :param db: the database (one server, Sentinel).
     :param auth: ``username`` and ``password`` for the Redis servers, when given.
     :param sentinel_auth: the same for the sentinels.
+    :param tls: redis-py's TLS keyword arguments (``ssl=True`` ...), empty without TLS.
+    :param sentinel_tls: whether the sentinels speak TLS too.
     """
 
     kind: str
@@ -76,6 +91,8 @@ class Target:
     db: int = 0
     auth: dict[str, str] = field(default_factory=dict)
     sentinel_auth: dict[str, str] = field(default_factory=dict)
+    tls: dict[str, Any] = field(default_factory=dict)
+    sentinel_tls: bool = False
 
     @classmethod
     def parse(cls, url: str) -> Target:
@@ -88,11 +105,12 @@ class Target:
         except ValueError as exc:  # a bracketed host that is no IPv6 address
             raise _refuse(url, str(exc)) from exc
         scheme = parts.scheme.lower()
-        if scheme not in _DEFAULT_PORTS:
+        if scheme not in _SCHEMES:
             return cls("server", url)
+        kind, over_tls = _SCHEMES[scheme]
         userinfo, _, hosts = parts.netloc.rpartition("@")
         nodes = tuple(
-            _address(url, host, _DEFAULT_PORTS[scheme]) for host in hosts.split(",") if host
+            _address(url, host, _DEFAULT_PORTS[kind]) for host in hosts.split(",") if host
         )
         if not nodes:
             raise _refuse(url, "no host is named")
@@ -104,29 +122,31 @@ class Target:
             if has_password:
                 auth["password"] = unquote(password)
         options = dict(parse_qsl(parts.query))
+        tls, sentinel_tls = _tls(url, options, over_tls, kind)
         path = [part for part in parts.path.split("/") if part]
-        if scheme == CLUSTER_SCHEME:
+        if kind == "cluster":
             if path not in ([], ["0"]) or options:
-                raise _refuse(url, "a cluster has database 0 only and takes no options")
-            return cls("cluster", url, nodes, auth=auth)
+                raise _refuse(url, "a cluster has database 0 only and takes no other options")
+            return cls("cluster", url, nodes, auth=auth, tls=tls)
         unknown = sorted(set(options) - set(_SENTINEL_OPTIONS))
         if unknown:
-            raise _refuse(
-                url, f"unknown option {unknown[0]!r} (known: sentinel_password, sentinel_username)"
-            )
+            known = ", ".join((*_SENTINEL_OPTIONS, *TLS_OPTIONS, "sentinel_ssl"))
+            raise _refuse(url, f"unknown option {unknown[0]!r} (known: {known})")
         if not 1 <= len(path) <= 2 or (len(path) == 2 and not path[1].isdigit()):
             raise _refuse(url, "name the service Sentinel monitors (and a database number)")
         sentinel_auth = {name[len("sentinel_") :]: value for name, value in options.items()}
         db = int(path[1]) if len(path) == 2 else 0
-        return cls("sentinel", url, nodes, unquote(path[0]), db, auth, sentinel_auth)
+        service = unquote(path[0])
+        return cls("sentinel", url, nodes, service, db, auth, sentinel_auth, tls, sentinel_tls)
 
     def describe(self) -> str:
         """Where this is, for messages (never with a password)."""
         nodes = ", ".join(f"{host}:{port}" for host, port in self.nodes)
+        tls = " over TLS" if self.tls else ""
         if self.kind == "sentinel":
-            return f"the primary Sentinel calls {self.service!r} ({nodes}) database {self.db}"
+            return f"the primary Sentinel calls {self.service!r} ({nodes}{tls}) database {self.db}"
         if self.kind == "cluster":
-            return f"the Redis Cluster at {nodes}"
+            return f"the Redis Cluster at {nodes}{tls}"
         return "Redis at " + _server_where(self.url)
 
     def stream_key(self, key: str) -> str:
@@ -137,6 +157,23 @@ class Target:
         start = key.find("{")
         end = key.find("}", start + 1) if start >= 0 else -1
         return key if end > start + 1 else "{" + key + "}"
+
+
+def _tls(
+    url: str, options: dict[str, str], over_tls: bool, kind: str
+) -> tuple[dict[str, Any], bool]:
+    """Take the TLS parameters out of *options*; refuse them without TLS."""
+    if not over_tls:
+        given = sorted(set(options) & {*TLS_OPTIONS, "sentinel_ssl"})
+        if given:
+            raise _refuse(url, f"{given[0]} needs TLS: the scheme is rediss+{kind}://")
+        return {}, False
+    if kind == "cluster" and "sentinel_ssl" in options:
+        raise _refuse(url, "sentinel_ssl is for rediss+sentinel:// only")
+    try:
+        return tls_options(options)
+    except TlsOptionError as exc:
+        raise _refuse(url, str(exc)) from exc
 
 
 def _server_where(url: str) -> str:
@@ -195,6 +232,12 @@ class LazyCluster:
         """The encoder scripts are registered with (the client's default one)."""
         connection = importlib.import_module("redis.connection")
         return connection.Encoder("utf-8", "strict", False)
+
+    def register_script(self, script: str) -> Any:
+        """The script, registered without making the client (redis-py's ``Script`` asks
+        only for the encoder until it runs)."""
+        core = importlib.import_module("redis.commands.core")
+        return core.Script(self, script)
 
     def close(self) -> None:
         """Close the client's connections, if it was made."""
@@ -264,6 +307,18 @@ class Connector:
             return self._primary(name, **kwargs)
         return self._cluster(name, **kwargs)
 
+    def tls_hint(self, exc: BaseException) -> str:
+        """What to check when *exc* comes from a failed TLS handshake (``""`` otherwise),
+        trying one handshake when the error does not say (see ``redis_tls.tls_hint``)."""
+        target = self.target
+        exceptions = importlib.import_module("redis.exceptions")
+        unreachable = (exceptions.ConnectionError, exceptions.RedisClusterException)
+        if not target.tls or not isinstance(exc, unreachable):
+            return tls_hint(exc)
+        if target.kind == "sentinel" and not target.sentinel_tls:
+            return tls_hint(exc)
+        return tls_hint(exc, lambda: handshake_error(target.nodes, target.tls, self.timeout))
+
     def close(self) -> None:
         """Close the connections to the sentinels, if any were made."""
         if self._sentinel is not None:
@@ -280,6 +335,7 @@ class Connector:
                     "socket_connect_timeout": self.timeout,
                     "retry": no_retry(),
                     **target.sentinel_auth,
+                    **(target.tls if target.sentinel_tls else {}),
                 },
             )
         client = self._sentinel.master_for(
@@ -288,6 +344,7 @@ class Connector:
             retry=no_retry(),
             client_name=name,
             **target.auth,
+            **target.tls,
             **kwargs,
         )
         return cast("redis.Redis", client)
@@ -300,6 +357,7 @@ class Connector:
             require_full_coverage=False,
             client_name=name,
             **self.target.auth,
+            **self.target.tls,
             **kwargs,
         )
         return cast("redis.Redis", client)

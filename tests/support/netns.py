@@ -12,8 +12,9 @@ deletes the veth pairs and bridges in them; it also deletes a veth pair left in 
 namespace by a failure halfway through its set-up. Use the lab as a context manager, or
 call :meth:`Lab.close` from a fixture's finalizer, so that this happens when a test fails.
 
-Needs root and the ``ip`` tool. This kernel has no ``netem``: latency cannot be added to the
-links here, only links taken down (a partition).
+Needs root and the ``ip`` tool. This kernel has no ``netem``: a link here is either up or
+down (a partition); latency and loss come from :mod:`support.lossy_link`, run in a host as a
+proxy in front of the service it should slow down.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pathlib import Path
 from support.procs import HOST, free_port, stop_each, wait_for
 from support.redis_ha import ask, role
 from support.redis_server import RedisServer
+from support.tls import RedisTls
 
 __all__ = ["ClusterSet"]
 
@@ -25,14 +26,22 @@ class ClusterSet:
     :ivar nodes: The nodes, in the order they were given to ``redis-cli``.
     """
 
-    def __init__(self, work_dir: Path, redis_exe: str, node_timeout_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        redis_exe: str,
+        node_timeout_ms: int = 1000,
+        tls: RedisTls | None = None,
+    ) -> None:
         """Prepare the nodes in *work_dir*; :meth:`start` starts them and makes the cluster.
 
         :param work_dir: An empty directory.
         :param redis_exe: Path of ``redis-server``.
         :param node_timeout_ms: ``cluster-node-timeout``: how long a node may be silent
             before the others count it as failing.
+        :param tls: Every node speaks TLS only (the cluster bus too), with this certificate.
         """
+        self.tls = tls
         self.nodes: list[RedisServer] = []
         for i in range(6):
             node_dir = work_dir / f"node{i}"
@@ -54,13 +63,16 @@ class ClusterSet:
                 "--repl-diskless-sync-delay",
                 "0",
             ]
-            self.nodes.append(RedisServer(node_dir, port, redis_exe, args))
+            self.nodes.append(RedisServer(node_dir, port, redis_exe, args, tls))
         self.cli = shutil.which("redis-cli") or "redis-cli"
 
     @property
     def url(self) -> str:
-        """The bus URL, naming three of the nodes."""
-        return "redis+cluster://" + ",".join(f"{HOST}:{n.port}" for n in self.nodes[:3]) + "/"
+        """The bus URL, naming three of the nodes (``rediss+cluster://`` with TLS)."""
+        nodes = ",".join(f"{HOST}:{n.port}" for n in self.nodes[:3])
+        if self.tls is not None:
+            return f"rediss+cluster://{nodes}/?{self.tls.query()}"
+        return f"redis+cluster://{nodes}/"
 
     def start(self, timeout: float = 60) -> ClusterSet:
         """Start the nodes, make the cluster, and wait until every node says it is ok.
@@ -73,8 +85,9 @@ class ClusterSet:
             node.start()
         addresses = [f"{HOST}:{node.port}" for node in self.nodes]
         options = ["--cluster-replicas", "1", "--cluster-yes"]
+        tls = self.tls.cli_args() if self.tls else []
         made = subprocess.run(
-            [self.cli, "--cluster", "create", *addresses, *options],
+            [self.cli, *tls, "--cluster", "create", *addresses, *options],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -20,6 +20,7 @@ from redis.retry import Retry
 
 from support.procs import HOST, free_port, read_log, stop_each, terminate, wait_for
 from support.redis_server import RedisServer
+from support.tls import RedisTls, record_tls, tls_of
 
 __all__ = [
     "SENTINEL_MISSING_MESSAGE",
@@ -76,14 +77,16 @@ def admin(port: int, timeout: float = 2.0) -> redis.Redis:
 
     :param port: The port on 127.0.0.1.
     :param timeout: Socket timeouts in seconds.
-    :returns: The client (the caller closes it).
+    :returns: The client (the caller closes it); a TLS one for a server started with TLS.
     """
+    tls = tls_of(port)
     return redis.Redis(
         host=HOST,
         port=port,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
+        **(tls.client_kwargs() if tls else {}),
     )
 
 
@@ -115,22 +118,37 @@ class SentinelServer:
     :ivar port: Its port.
     """
 
-    def __init__(self, work_dir: Path, executable: str, primary_port: int, quorum: int) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        executable: str,
+        primary_port: int,
+        quorum: int,
+        tls: RedisTls | None = None,
+        plaintext: bool = False,
+    ) -> None:
         """Write its configuration (it rewrites the file as it learns); start nothing yet.
 
         :param work_dir: A directory of its own.
         :param executable: Path of ``redis-sentinel``.
         :param primary_port: Port of the primary to watch.
         :param quorum: Sentinels that must agree the primary is down.
+        :param tls: Speak TLS only, to clients, servers and sentinels, with this certificate.
+        :param plaintext: With *tls*: speak TLS to the servers only, plaintext to clients
+            and to the other sentinels.
         """
         self.work_dir = work_dir
         self.executable = executable
         self.port = free_port()
+        self.tls = None if plaintext else tls
         self.config = work_dir / "sentinel.conf"
         self.log_path = work_dir / "sentinel.log"
+        listen = f"port {self.port}\n"
+        if tls is not None:
+            listen = f"port 0\ntls-port {self.port}\n" if self.tls else listen
+            listen += "".join(f"{name} {value}\n" for name, value in tls.server_options().items())
         self.config.write_text(
-            f"port {self.port}\n"
-            f"bind {HOST}\n"
+            listen + f"bind {HOST}\n"
             "protected-mode no\n"
             f"dir {work_dir}\n"
             f"sentinel monitor {SERVICE} {HOST} {primary_port} {quorum}\n"
@@ -147,6 +165,7 @@ class SentinelServer:
         :returns: ``self``.
         :raises RuntimeError: If it does not answer in time (with its log).
         """
+        record_tls(self.port, self.tls)
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 [self.executable, str(self.config)],
@@ -182,23 +201,39 @@ class SentinelSet:
     :ivar sentinels: The sentinels.
     """
 
-    def __init__(self, work_dir: Path, redis_exe: str, sentinel_exe: str, replicas: int) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        redis_exe: str,
+        sentinel_exe: str,
+        replicas: int,
+        tls: RedisTls | None = None,
+        plaintext_sentinels: bool = False,
+    ) -> None:
         """Prepare the deployment in *work_dir*; :meth:`start` starts it.
 
         :param work_dir: An empty directory.
         :param redis_exe: Path of ``redis-server``.
         :param sentinel_exe: Path of ``redis-sentinel``.
         :param replicas: How many replicas.
+        :param tls: Every process speaks TLS only, with this certificate.
+        :param plaintext_sentinels: With *tls*: the sentinels speak plaintext to clients
+            (and to each other), TLS to the servers.
         """
         self.work_dir = work_dir
         self.redis_exe = redis_exe
         self.sentinel_exe = sentinel_exe
+        self.tls = tls
+        self.plaintext_sentinels = plaintext_sentinels
         self.primary = RedisServer(
-            self._dir("primary"), executable=redis_exe, args=["--repl-diskless-sync-delay", "0"]
+            self._dir("primary"),
+            executable=redis_exe,
+            args=["--repl-diskless-sync-delay", "0"],
+            tls=tls,
         )
         primary_of = ["--replicaof", HOST, str(self.primary.port)]
         self.replicas = [
-            RedisServer(self._dir(f"replica{i}"), executable=redis_exe, args=primary_of)
+            RedisServer(self._dir(f"replica{i}"), executable=redis_exe, args=primary_of, tls=tls)
             for i in range(replicas)
         ]
         self.sentinels: list[SentinelServer] = []
@@ -215,8 +250,12 @@ class SentinelSet:
 
     @property
     def url(self) -> str:
-        """The bus URL: ``redis+sentinel://<the sentinels>/mymaster/0``."""
+        """The bus URL: ``redis+sentinel://<the sentinels>/mymaster/0`` (``rediss+sentinel``
+        with the certificate's files as its query with TLS)."""
         hosts = ",".join(f"{HOST}:{s.port}" for s in self.sentinels)
+        if self.tls is not None:
+            mixed = "&sentinel_ssl=false" if self.plaintext_sentinels else ""
+            return f"rediss+sentinel://{hosts}/{SERVICE}/0?{self.tls.query()}{mixed}"
         return f"redis+sentinel://{hosts}/{SERVICE}/0"
 
     def start(self, timeout: float = 30) -> SentinelSet:
@@ -230,7 +269,14 @@ class SentinelSet:
         for server in self.servers:
             server.start()
         self.sentinels = [
-            SentinelServer(self._dir(f"sentinel{i}"), self.sentinel_exe, self.primary.port, 2)
+            SentinelServer(
+                self._dir(f"sentinel{i}"),
+                self.sentinel_exe,
+                self.primary.port,
+                2,
+                self.tls,
+                self.plaintext_sentinels,
+            )
             for i in range(3)
         ]
         for sentinel in self.sentinels:

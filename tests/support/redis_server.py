@@ -22,6 +22,7 @@ from support.procs import (
     terminate,
     wait_for,
 )
+from support.tls import RedisTls, record_tls, tls_of
 
 __all__ = [
     "REDIS_MISSING_MESSAGE",
@@ -64,7 +65,7 @@ class RedisServer:
     """A throwaway ``redis-server`` on 127.0.0.1 with persistence disabled.
 
     :ivar port: Its port (kept across :meth:`stop` / :meth:`start`).
-    :ivar url: ``redis://127.0.0.1:<port>/0``.
+    :ivar url: ``redis://127.0.0.1:<port>/0`` (``rediss://...?ssl_ca_certs=...`` with TLS).
     :ivar proc: The current process, or ``None`` when stopped.
     """
 
@@ -74,6 +75,7 @@ class RedisServer:
         port: int | None = None,
         executable: str | None = None,
         args: Sequence[str] = (),
+        tls: RedisTls | None = None,
     ) -> None:
         """Prepare (but do not start) a server.
 
@@ -82,6 +84,8 @@ class RedisServer:
         :param executable: Path of ``redis-server``; looked up on ``PATH``
             by default.
         :param args: More command-line options (``--replicaof ...``).
+        :param tls: Speak TLS only (with replication and the cluster bus over TLS too),
+            with this certificate.
         :raises FileNotFoundError: If ``redis-server`` cannot be found.
         """
         exe = executable or redis_server_executable()
@@ -90,7 +94,10 @@ class RedisServer:
         self.executable = exe
         self.work_dir = work_dir
         self.port = port if port is not None else free_port()
+        self.tls = tls
         self.url = f"redis://{HOST}:{self.port}/0"
+        if tls is not None:
+            self.url = f"rediss://{HOST}:{self.port}/0?{tls.query()}"
         self.log_path = work_dir / f"redis-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.args = list(args)
@@ -108,12 +115,14 @@ class RedisServer:
 
         :returns: ``True`` if it answered.
         """
+        tls = tls_of(self.port)
         client = redis.Redis(
             host=HOST,
             port=self.port,
             socket_timeout=0.5,
             socket_connect_timeout=0.5,
             retry=Retry(NoBackoff(), 0),  # redis-py retries with backoff by default
+            **(tls.client_kwargs() if tls else {}),
         )
         try:
             return bool(client.ping())
@@ -134,10 +143,15 @@ class RedisServer:
         """
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError(f"redis-server on port {self.port} is already running")
+        record_tls(self.port, self.tls)
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cluster", "yes"]
+            for name, value in self.tls.server_options().items():
+                listen += [f"--{name}", value]
         cmd = [
             self.executable,
-            "--port",
-            str(self.port),
+            *listen,
             "--bind",
             HOST,
             "--save",
