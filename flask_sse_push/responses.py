@@ -21,25 +21,27 @@ keep-alives go out while the generator thinks, and it is stopped when the client
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Response, current_app, has_request_context, request
 from flask.ctx import RequestContext
 from flask.globals import request_ctx
 
-from . import aio, concurrency
+from . import concurrency
 from .config import DEFAULTS, SSE_KEEPALIVE, SSE_RETRY, SSE_SEND_TIMEOUT
 from .encoding import Event, check_retry, encode_event, stream_head
 from .mailbox import Mailbox
 from .reasons import EndReason
 from .state import get_state
 from .stream import GeneratorStream, client_socket, event_stream_response
+
+if TYPE_CHECKING:
+    from . import aio
 
 log = logging.getLogger("flask_sse_push")
 
@@ -74,6 +76,10 @@ class _Producer:
     def start(self) -> None:
         """Start running the source."""
         if isinstance(self.source, AsyncIterable):
+            # asyncio is imported the first time an async generator streams: a worker that
+            # never runs one does not carry it.
+            from . import aio
+
             self._job = aio.Job(self._run_async(self.source))
         else:
             self._worker = concurrency.spawn(self._run_sync, self.source, name="sse-response")
@@ -118,6 +124,8 @@ class _Producer:
                     close()
 
     async def _run_async(self, source: AsyncIterable[Any]) -> None:
+        import asyncio
+
         with self._running():
             iterator = source.__aiter__()
             try:
