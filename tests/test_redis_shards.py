@@ -4,6 +4,8 @@ repeats on another receiver, a receiver that reads only the shards it needs, hos
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import zlib
@@ -11,8 +13,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import requests
 from flask import Flask
-from support.redis_server import RedisServer
+from support.app import publish as publish_http
+from support.app import serve
+from support.clients import Crowd
+from support.gunicorn import GunicornFactory
+from support.procs import wait_for
+from support.redis_server import RedisFactory, RedisServer
 
 from flask_sse_push import BusError, ConfigurationError, EndReason, ResetReason, get_state
 from flask_sse_push.bus import Resume, Subscription, create_bus
@@ -349,3 +357,49 @@ def test_a_cluster_with_shards_is_refused_for_now() -> None:
     settings = Settings.from_mapping({**DEFAULTS, "SSE_REDIS_SHARDS": 2})
     with pytest.raises(ConfigurationError, match="Redis Cluster"):
         create_bus("redis+cluster://127.0.0.1:1/", settings, "x")
+
+
+@pytest.mark.e2e
+def test_gunicorn_workers_resume_three_shard_clients_across_a_worker_restart(
+    gunicorn: GunicornFactory, redis_server: RedisFactory
+) -> None:
+    """Clients following a channel in each of three shards, served by two gevent workers:
+    one worker is restarted, its clients resume on any worker with their vector ids, and
+    every client ends with every event once, in order within each channel."""
+    redis = redis_server()
+    server = serve(gunicorn, workers=2, SSE_BUS_URL=redis.url, SSE_REDIS_SHARDS=SHARDS)
+    path = f"/stream?channel={C0}&channel={C1}&channel={C2}"
+    crowd = Crowd(server.port, [path] * 40)
+    published: list[str] = []
+
+    def send(count: int, tag: str) -> None:
+        for i in range(count):
+            channel = (C0, C1, C2)[i % 3]
+            publish_http(server.url, f"{channel}/{tag}{i}", channel=channel)
+            published.append(f"{channel}/{tag}{i}")
+
+    def streams() -> int:
+        cluster = requests.get(server.url + "/stream/stats", timeout=5).json()["cluster"]
+        return int(cluster["channels"].get(C1, 0))
+
+    try:
+        assert wait_for(lambda: streams() == 40, 15)
+        send(30, "before")
+        assert crowd.pump(lambda c: all(len(x.events) == 30 for x in c.clients), 20)
+        processes = requests.get(server.url + "/stream/stats", timeout=5).json()["cluster"]
+        busiest = max(
+            processes["processes"].items(), key=lambda item: item[1]["channels"].get(C1, 0)
+        )
+        os.kill(int(busiest[0].rsplit(":", 2)[1]), signal.SIGTERM)
+        send(15, "during")
+        assert crowd.pump(lambda c: any(x.connects > 1 for x in c.clients), 15)
+        send(15, "after")
+        assert crowd.pump(lambda c: all(len(x.events) >= 60 for x in c.clients), 30)
+        crowd.pump(lambda c: False, 0.5)  # anything repeated would arrive meanwhile
+    finally:
+        crowd.close()
+    expected = by_channel([("", data) for data in published])
+    for client in crowd.clients:
+        assert all(e.type == "message" for e in client.events)
+        assert by_channel([(e.last_event_id, e.data) for e in client.events]) == expected
+    assert sum(client.connects > 1 for client in crowd.clients) >= 1
