@@ -116,9 +116,13 @@ def test_channels_map_to_shards_with_keys_of_their_own(make_bus: Callable[..., R
     assert bus.shards.keys == [f"flask-sse-push:shards:{i}" for i in range(SHARDS)]
     assert bus.key == "flask-sse-push:shards:control"
     first = publish(bus, C1, "x")
-    assert first.startswith("1:") and bus.shards.parse(first) is not None
+    # send_event's id places the event in every shard: a resume point for any channels.
+    vector = bus.shards.parse(first)
+    assert vector is not None and vector[0] == vector[2] == (0, 0) and vector[1] > (0, 0)
     assert bus.client.xlen(bus.shards.keys[1]) == 1
     assert not bus.client.exists(bus.shards.keys[0], bus.shards.keys[2])
+    second = bus.shards.parse(publish(bus, C2, "y"))
+    assert second is not None and second == {**vector, 2: second[2]} and second[2] > (0, 0)
 
 
 def test_events_of_every_shard_are_delivered_with_vector_ids(
@@ -298,13 +302,16 @@ def test_a_trimmed_shard_and_a_deleted_one_reset(make_bus: Callable[..., RedisBu
         for i in range(3000):
             pipe.xadd(bus.shards.keys[0], {"c": C0, "b": f"data: {i}\n\n"}, maxlen=1000)
         pipe.execute()
-    result = resume(bus, Subscription([C0, C1], 8), first + "." + keep)
+    result = resume(bus, Subscription([C0, C1], 8), first)
     assert result.reset is not None and result.reset.reason is ResetReason.TOO_OLD
     # Shard 1 alone is intact.
     assert resume(bus, Subscription([C1], 8), keep).reset is None
     bus.client.delete(bus.shards.keys[1])
     publish(bus, C1, "new stream")
-    result = resume(bus, Subscription([C1], 8), keep.replace("1:", "1:9", 1))
+    vector = bus.shards.parse(keep)
+    assert vector is not None
+    vector[1] = (vector[1][0] + 10**6, 0)  # past the new stream's head
+    result = resume(bus, Subscription([C1], 8), bus.shards.encode(vector))
     assert result.reset is not None and result.reset.reason is ResetReason.UNKNOWN
 
 

@@ -134,20 +134,18 @@ class RedisBus(Bus):
             wait=options.wait_timeout,
             cluster=self.connector.cluster,
         )
-        self._histories = (
-            {
-                key: History(
-                    self.client,
-                    key,
-                    options.maxlen,
-                    replicas=options.wait_replicas,
-                    wait=options.wait_timeout,
-                )
-                for key in self.shards.keys
-            }
-            if self.shards.count > 1
-            else {}
-        )
+        keys = self.shards.keys if self.shards.count > 1 else []
+        self._histories = {
+            key: History(
+                self.client,
+                key,
+                options.maxlen,
+                replicas=options.wait_replicas,
+                wait=options.wait_timeout,
+                shards=keys,
+            )
+            for key in keys
+        }
         self._histories[self.key] = self.history
         #: Shards needed by each subscription of this process (with shards only).
         self._needs: dict[Subscription, frozenset[int]] = {}
@@ -210,11 +208,10 @@ class RedisBus(Bus):
             raise PublishError(self._failed(exc)) from exc
         if event_id is not None:
             return event_id
-        return (
-            entry
-            if shard is None
-            else self.shards.encode({shard: stream_position(entry) or (0, 0)})
-        )
+        if shard is None:
+            return entry
+        heads = [stream_position(head) or (0, 0) for head in entry.split()]
+        return self.shards.encode(dict(enumerate(heads)))
 
     def _add(
         self, fields: dict[str, str | bytes], own_id: str | None = None, shard: int | None = None

@@ -70,7 +70,9 @@ return {facts['length'], facts['entries-added'], facts['last-generated-id'], fir
 #: Add an entry (fields from ``ARGV[3]`` on) trimming to about ``ARGV[1]`` entries; index a
 #: caller-given id ``ARGV[2]`` in ``KEYS[2]``, which moves to ``KEYS[3]`` when it holds
 #: ``ARGV[1]`` ids. A new stream's first id becomes its epoch (``KEYS[4]``): the stream
-#: after a failover has the epoch it had before, a stream made again has another.
+#: after a failover has the epoch it had before, a stream made again has another. With the
+#: keys of every shard after those (``KEYS[5]`` on), it answers the newest id of each, the
+#: new entry's for its own, as one string (spaces between): the event's place in them all.
 _ADD = """
 local fresh = redis.call('EXISTS', KEYS[1]) == 0
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
@@ -82,6 +84,18 @@ if ARGV[2] ~= '' then
   if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[1]) then
     redis.call('RENAME', KEYS[2], KEYS[3])
   end
+end
+if #KEYS > 4 then
+  local heads = {}
+  for i = 5, #KEYS do
+    if KEYS[i] == KEYS[1] then
+      heads[#heads + 1] = id
+    else
+      local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)[1]
+      heads[#heads + 1] = last and last[1] or '0-0'
+    end
+  end
+  return table.concat(heads, ' ')
 end
 return id
 """
@@ -185,6 +199,8 @@ class History:
     :param replicas: replicas that must confirm each entry added (``WAIT``), ``0`` for none.
     :param wait: seconds they have to confirm it.
     :param cluster: whether *client* is a Redis Cluster client.
+    :param shards: the keys of every shard, when *key* is one: :meth:`add` then answers the
+        newest id of each (the new entry's for *key*), separated by spaces.
     """
 
     def __init__(
@@ -196,6 +212,7 @@ class History:
         replicas: int = 0,
         wait: float = 1.0,
         cluster: bool = False,
+        shards: list[str] | None = None,
     ) -> None:
         self.client = client
         self.key = key
@@ -206,7 +223,7 @@ class History:
         #: The key holding the id the stream started with.
         self.epoch_key = key + ":epoch"
         #: The stream, the two generations of the index, the epoch: one hash slot.
-        self._keys = [key, key + ":ids", key + ":ids:old", self.epoch_key]
+        self._keys = [key, key + ":ids", key + ":ids:old", self.epoch_key, *(shards or ())]
         self._info = client.register_script(_INFO)
         self._add = client.register_script(_ADD)
 

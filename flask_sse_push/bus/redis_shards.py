@@ -152,8 +152,11 @@ class ShardedResumption:
             if reason is None and shard in infos:
                 reason = infos[shard].gap(position)
         if reason is not None:
+            # The reset's id is every shard's head, as send_event answers ids.
+            infos.update(self._infos(frozenset(range(self.shards.count)) - followed))
             heads = {shard: info.last_generated for shard, info in infos.items()}
-            return heads, Reset(reason, self.shards.encode(heads) or "0-0")
+            start = {shard: heads[shard] for shard in followed}
+            return start, Reset(reason, self.shards.encode(heads))
         return {shard: pos for shard, pos in vector.items() if shard in followed}, None
 
     def _place(self) -> tuple[Vector, Vector, Reset | None]:
