@@ -315,6 +315,20 @@ def test_a_trimmed_shard_and_a_deleted_one_reset(make_bus: Callable[..., RedisBu
     assert result.reset is not None and result.reset.reason is ResetReason.UNKNOWN
 
 
+def test_a_refused_replay_ends_the_stream(make_bus: Callable[..., RedisBus]) -> None:
+    bus = make_bus()
+    first = publish(bus, C0, "1")
+    bus.client.delete(bus.shards.keys[0])
+    bus.client.set(bus.shards.keys[0], "not a stream")
+    sub = Subscription([C0], 8)
+    pending = bus.subscribe(sub, first).pending
+    assert pending is not None
+    with pytest.raises(BusError, match="refused"):
+        pending()
+    assert sub.reason is EndReason.ERROR
+    bus.unsubscribe(sub)
+
+
 def test_caller_ids_resume_in_their_shard(make_bus: Callable[..., RedisBus]) -> None:
     bus = make_bus()
     publish(bus, C2, "1", "order-1")

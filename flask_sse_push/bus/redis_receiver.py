@@ -228,15 +228,15 @@ class Receiver:
             return
         reader = self._connect(bus)
         if not self.connected:
-            # (Re)connecting: learn where to start, or notice entries lost unread.
-            for key in list(self.lasts):
-                if self.lasts.get(key) is None:
-                    self.learn_position(reader, key)
-                else:
+            # (Re)connecting: notice entries lost unread.
+            for key, last in list(self.lasts.items()):
+                if last is not None:
                     self._check_position(bus, reader, key)
             if self._shards.count > 1:
                 self._reader_id = int(reader.client_id())
-            self.connected = True
+        for key in [key for key, last in self.lasts.items() if last is None]:
+            self.learn_position(reader, key)  # also a shard added while Redis did not answer
+        self.connected = True
         del bus  # not held across the blocking read
         with self.lock:
             wanted = {key: last or "$" for key, last in self.lasts.items()}

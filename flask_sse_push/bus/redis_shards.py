@@ -14,6 +14,7 @@ Order holds within a shard (so within a channel), not across shards.
 
 from __future__ import annotations
 
+import logging
 import re
 import zlib
 from collections.abc import Iterable, Mapping
@@ -21,8 +22,9 @@ from typing import TYPE_CHECKING
 
 from ..encoding import MAX_FIELD_LENGTH, with_id
 from ..errors import BusError
-from ..reasons import ResetReason
+from ..reasons import EndReason, ResetReason
 from .base import Reset, Resume, Subscription
+from .redis_connect import refused
 from .redis_history import (
     Entries,
     Position,
@@ -35,6 +37,8 @@ from .redis_history import (
 if TYPE_CHECKING:
     from .redis import RedisBus
     from .redis_connect import Target
+
+log = logging.getLogger("flask_sse_push")
 
 #: Between the parts of a vector id.
 SEPARATOR = "."
@@ -105,7 +109,8 @@ class Shards:
 
 
 class ShardedResumption:
-    """Resuming one subscription on a sharded bus (the pending part of its :class:`Resume`).
+    """Resuming one subscription on a sharded bus (the pending part of its
+    :class:`~flask_sse_push.bus.Resume`).
 
     It places the subscription once this process's receiver has reached the client's
     position in every shard the subscription follows (until then it raises
@@ -122,10 +127,24 @@ class ShardedResumption:
         self.span: tuple[Vector, Vector, Reset | None] | None = None
 
     def __call__(self) -> Resume:
-        if self.span is None:
-            self.span = self._place()
-        after, upto, reset = self.span
-        return self._replay(after, upto, reset)
+        try:
+            if self.span is None:
+                self.span = self._place()
+            after, upto, reset = self.span
+            return self._replay(after, upto, reset)
+        except self.bus.errors as exc:
+            if not refused(exc):
+                raise BusError(f"could not read the history from Redis: {exc}") from exc
+            # Refused, not unreachable: asking again would be refused again.
+            log.error(
+                "flask-sse-push: Redis refused to read the history of %r (%s); ending a "
+                "stream that resumed from %r",
+                self.sub.channels,
+                exc,
+                self.last_event_id,
+            )
+            self.sub.end(EndReason.ERROR)
+            raise BusError(f"Redis refused to read the history: {exc}") from exc
 
     def _infos(self, followed: frozenset[int], own_id: str = "") -> dict[int, StreamInfo]:
         return {shard: self.bus.shard_history(shard).info(own_id=own_id) for shard in followed}
@@ -162,10 +181,7 @@ class ShardedResumption:
     def _place(self) -> tuple[Vector, Vector, Reset | None]:
         bus = self.bus
         followed = self.shards.needed(self.sub.channels)
-        try:
-            start, reset = self._start(followed)
-        except bus.errors as exc:
-            raise BusError(f"could not read the history from Redis: {exc}") from exc
+        start, reset = self._start(followed)
         receiver = bus.receiver
         with receiver.lock:
             cut = receiver.shard_positions(followed)
@@ -180,21 +196,19 @@ class ShardedResumption:
         bus = self.bus
         channels = self.sub.channels
         entries: list[tuple[Position, int, bytes, dict[bytes, bytes]]] = []
-        try:
-            for shard in sorted(after):
-                if after[shard] >= upto[shard]:
-                    continue
-                history = bus.shard_history(shard)
-                got: Entries = history.read(channels, after[shard], upto[shard])
-                entries += [
-                    (stream_position(entry.decode()) or (0, 0), shard, entry, fields)
-                    for entry, fields in got
-                ]
-                gap = history.info().gap(after[shard])
-                if gap is not None:
-                    return Resume([], Reset(gap, self.shards.encode(upto)))
-        except bus.errors as exc:
-            raise BusError(f"could not read the history from Redis: {exc}") from exc
+        for shard in sorted(after):
+            if after[shard] >= upto[shard]:
+                continue
+            history = bus.shard_history(shard)
+            got: Entries = history.read(channels, after[shard], upto[shard])
+            entries += [
+                (stream_position(entry.decode()) or (0, 0), shard, entry, fields)
+                for entry, fields in got
+            ]
+            # As with one stream: nothing trimmed after the position now, nothing then.
+            gap = history.info().gap(after[shard])
+            if gap is not None:
+                return Resume([], Reset(gap, self.shards.encode(upto)))
         entries.sort()
         running = dict(after)
         replay: list[bytes] = []
