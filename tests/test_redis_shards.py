@@ -374,12 +374,6 @@ def test_the_setting_is_validated(value: object) -> None:
         Settings.from_mapping({**DEFAULTS, "SSE_REDIS_SHARDS": value})
 
 
-def test_a_cluster_with_shards_is_refused_for_now() -> None:
-    settings = Settings.from_mapping({**DEFAULTS, "SSE_REDIS_SHARDS": 2})
-    with pytest.raises(ConfigurationError, match="Redis Cluster"):
-        create_bus("redis+cluster://127.0.0.1:1/", settings, "x")
-
-
 @pytest.mark.e2e
 def test_gunicorn_workers_resume_three_shard_clients_across_a_worker_restart(
     gunicorn: GunicornFactory, redis_server: RedisFactory

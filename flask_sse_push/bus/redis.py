@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..encoding import with_id
-from ..errors import BusError, ConfigurationError, PublishError
+from ..errors import BusError, PublishError
 from ..reasons import EndReason
 from .base import Bus, Message, Resume, Subscription
 from .redis_connect import SENTINEL_SCHEME, Connector, Target, errors, refused
@@ -108,12 +108,6 @@ class RedisBus(Bus):
         base = settings.redis_key or f"flask-sse-push:{name}"
         #: The shards' keys (with one shard, none is used: the stream is :attr:`key`).
         self.shards = Shards(base, settings.redis_shards, self.target)
-        if self.shards.count > 1 and self.target.kind == "cluster":
-            raise ConfigurationError(
-                "SSE_REDIS_SHARDS > 1 does not work on a Redis Cluster yet (a receiver reads "
-                "its shards in one XREAD, which a cluster refuses across hash slots); use "
-                "SSE_REDIS_SHARDS = 1 there, or one Redis server (or Sentinel) per app."
-            )
 
     # -- per-process state ---------------------------------------------------------------
 
@@ -142,7 +136,9 @@ class RedisBus(Bus):
                 options.maxlen,
                 replicas=options.wait_replicas,
                 wait=options.wait_timeout,
-                shards=keys,
+                cluster=self.connector.cluster,
+                # A cluster refuses a script over the keys of several slots.
+                shards=None if self.connector.cluster else keys,
             )
             for key in keys
         }
@@ -211,6 +207,8 @@ class RedisBus(Bus):
         if shard is None:
             return entry
         heads = [stream_position(head) or (0, 0) for head in entry.split()]
+        if len(heads) == 1:  # a cluster: the event's place in its own shard only
+            return self.shards.encode({shard: heads[0]})
         return self.shards.encode(dict(enumerate(heads)))
 
     def _add(

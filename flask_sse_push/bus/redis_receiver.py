@@ -1,5 +1,7 @@
 """The Redis bus's receiver: ONE per bus and process, on ONE connection, reading the app's
-stream with ``XREAD BLOCK`` and delivering each entry to the process's fan-out.
+stream with ``XREAD BLOCK`` and delivering each entry to the process's fan-out. With shards
+it reads the control stream and the shards its subscriptions need, in one ``XREAD``; on a
+Redis Cluster, with one connection per stream (see :mod:`.redis_lanes`).
 
 It goes on from the last entry it delivered after an outage, so every event Redis accepted is
 delivered, in order; it holds the bus only weakly, so an app that is gone takes its receiver
@@ -13,7 +15,6 @@ newest entry: the stream keeps its epoch, which a stream made again does not.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -26,7 +27,8 @@ from ..reasons import EndReason, ResetReason
 from .fanout import Fanout
 from .redis_connect import refused
 from .redis_history import Entries, Position, entry_id, stream_position, text
-from .redis_stats import STATS_EVERY, STATS_TTL
+from .redis_lanes import Lane
+from .redis_stats import STATS_EVERY, write_stats
 
 if TYPE_CHECKING:
     import redis
@@ -65,19 +67,14 @@ class Receiver:
         self.lasts: dict[str, str | None] = {self.key: None}
         #: Per stream key read: its epoch (see :class:`~.redis_history.StreamInfo`).
         self.epochs: dict[str, str | None] = {self.key: None}
-        #: The keys of the read in progress (a sharded bus waits until it has a new shard).
-        self.reading: frozenset[str] = frozenset()
-        self._reader_id: int | None = None
         #: Subscriptions waiting for the receiver to pass their resume point.
         self.waiting: dict[Any, tuple[int, int]] = {}
-        #: Whether the connection to Redis is up (read by tests and health checks).
-        self.connected = False
         self.stopped = False
         self._pid = os.getpid()
-        self._reader: redis.Redis | None = None
         self._next_stats = 0.0
-        #: The last error Redis answered with, logged once until things work again.
-        self._refused: str | None = None
+        #: One lane per stream (a cluster with shards), else one lane for all (``None``).
+        self._per_key = bus.target.kind == "cluster" and bus.shards.count > 1
+        self._lanes: dict[str | None, Lane] = {}
 
     def start(self) -> None:
         """Learn the stream's position now if Redis answers (so an event published right
@@ -86,13 +83,29 @@ class Receiver:
         if bus is not None:
             with contextlib.suppress(*self._errors):  # else learnt once connected
                 self.learn_position(bus.client)
-        concurrency.spawn(self.run, name=f"sse-redis-{self.name}")
+        self._spawn(self.key if self._per_key else None)
+
+    def _spawn(self, key: str | None) -> None:
+        lane = self._lanes[key] = Lane(key)
+        concurrency.spawn(self.run, lane, name=f"sse-redis-{self.name}")
 
     def stop(self) -> None:
-        """Stop within a second; closing the connection interrupts a blocked read."""
+        """Stop within a second; closing the connections interrupts a blocked read."""
         self.stopped = True
-        if self._reader is not None:
-            self._reader.close()
+        for lane in list(self._lanes.values()):
+            lane.stopped = True
+            lane.disconnect()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connections to Redis are up (read by tests and health checks)."""
+        lanes = list(self._lanes.values())
+        return bool(lanes) and all(lane.connected for lane in lanes)
+
+    @property
+    def reading(self) -> frozenset[str]:
+        """The keys of the reads in progress (a new shard waits until it is among them)."""
+        return frozenset().union(*(lane.reading for lane in list(self._lanes.values())))
 
     @property
     def last(self) -> str | None:
@@ -110,21 +123,7 @@ class Receiver:
 
     def shard_positions(self, shards: frozenset[int]) -> dict[int, Position] | None:
         """The positions in *shards*, ``None`` while one is unknown. Callers hold the lock."""
-        keys = self._shards.keys
-        if any(self.lasts.get(keys[shard]) is None for shard in shards) or not self.connected:
-            return None
-        return {shard: self.position_in(keys[shard]) for shard in shards}
-
-    def vector(self) -> str:
-        """The vector id of the shards read now (see :mod:`.redis_shards`). Callers hold the
-        lock."""
-        shard_of_key = self._shards.shard_of_key
-        positions = {}
-        for key in self.lasts:
-            shard = shard_of_key(key)
-            if shard is not None:
-                positions[shard] = self.position_in(key)
-        return self._shards.encode(positions)
+        return self._shards.positions(self.lasts, shards) if self.connected else None
 
     def learn_position(self, client: redis.Redis, key: str | None = None) -> None:
         """Start after the newest entry of stream *key* (default: the first), unless a
@@ -149,98 +148,109 @@ class Receiver:
             return False
         self.lasts[key] = entry_id(info.last_generated) if info is not None else None
         self.epochs[key] = info.epoch if info is not None else None
+        if self._per_key and not self.stopped:
+            self._spawn(key)
         return True
 
     def unread(self, key: str) -> None:
         """Stop reading stream *key*. Callers hold the lock."""
         self.lasts.pop(key, None)
         self.epochs.pop(key, None)
+        lane = self._lanes.pop(key, None) if self._per_key else None
+        if lane is not None:
+            lane.stopped = True
+            lane.disconnect()
 
     def wake(self, client: redis.Redis, key: str) -> None:
         """Interrupt a blocked read that lacks *key* (``CLIENT UNBLOCK``), so that the next
         read has it; give up after half a second (the read ends within a second anyway)."""
+        lane = self._lanes.get(None)
         deadline = time.monotonic() + 0.5
-        while key not in self.reading and self.connected and time.monotonic() < deadline:
-            if self._reader_id is not None:
-                client.client_unblock(self._reader_id)
+        while lane is not None and lane.connected and key not in lane.reading:
+            if lane.client_id is not None:
+                client.client_unblock(lane.client_id)
+            if time.monotonic() > deadline:
+                break
             time.sleep(0.005)
 
     # -- the loop ------------------------------------------------------------------------
 
-    def _running(self) -> bool:
-        return not self.stopped and self._pid == os.getpid() and self._bus() is not None
+    def _running(self, lane: Lane) -> bool:
+        return (
+            not self.stopped
+            and not lane.stopped
+            and self._pid == os.getpid()
+            and self._bus() is not None
+        )
 
-    def run(self) -> None:
-        """Read until stopped, reconnecting with backoff while Redis is unreachable."""
+    def run(self, lane: Lane) -> None:
+        """Read *lane*'s streams until stopped, reconnecting with backoff while Redis is
+        unreachable."""
         backoff = 0.1
-        while self._running():
+        while self._running(lane):
             try:
-                self._once()
+                self._once(lane)
                 backoff = 0.1
-                self._refused = None
+                lane.refused = None
             except self._errors as exc:
-                if not self._running():
+                if not self._running(lane):
                     break
                 if refused(exc):
-                    self._log_refused(exc)
-                elif self.connected:
+                    self._log_refused(lane, exc)
+                elif lane.connected:
                     log.warning(
                         "flask-sse-push: lost Redis (%s); open streams stay open, retrying", exc
                     )
-                self._disconnect()
+                lane.disconnect()
                 time.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, _BACKOFF_CAP)
             except Exception:  # a bug must not end delivery for the whole process
-                if not self._running():
+                if not self._running(lane):
                     break  # stop() closed the connection under a blocked read
                 log.exception("flask-sse-push: Redis receiver error")
                 time.sleep(1.0)
-        self._disconnect()
+        lane.disconnect()
 
-    def _log_refused(self, exc: Exception) -> None:
-        if str(exc) != self._refused:
-            self._refused = str(exc)
+    def _log_refused(self, lane: Lane, exc: Exception) -> None:
+        if str(exc) != lane.refused:
+            lane.refused = str(exc)
             log.error(
                 "flask-sse-push: Redis refused to let this worker read %r (%s); open streams "
                 "stay open, retrying",
-                self.key,
+                lane.key or self.key,
                 exc,
             )
 
-    def _disconnect(self) -> None:
-        self.connected = False
-        self._reader_id = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-
-    def _connect(self, bus: RedisBus) -> redis.Redis:
-        if self._reader is None:
-            self._reader = bus.connect(
+    def _connect(self, bus: RedisBus, lane: Lane) -> redis.Redis:
+        if lane.client is None:
+            lane.client = bus.connect(
                 socket_timeout=BLOCK_MS / 1000 + 10, single_connection_client=True, role="receive"
             )
-        return self._reader
+        return lane.client
 
-    def _once(self) -> None:
-        """Read one batch from the streams and deliver it; report the stream counts when due."""
+    def _once(self, lane: Lane) -> None:
+        """Read one batch of *lane*'s streams and deliver it; report the stream counts when
+        due."""
         bus = self._bus()
         if bus is None:
             return
-        reader = self._connect(bus)
-        if not self.connected:
+        reader = self._connect(bus, lane)
+        if not lane.connected:
             # (Re)connecting: notice entries lost unread.
             for key, last in list(self.lasts.items()):
-                if last is not None:
+                if last is not None and lane.reads(key):
                     self._check_position(bus, reader, key)
-            if self._shards.count > 1:
-                self._reader_id = int(reader.client_id())
-        for key in [key for key, last in self.lasts.items() if last is None]:
+            if self._shards.count > 1 and lane.key is None:
+                lane.client_id = int(reader.client_id())
+        for key in [k for k, last in self.lasts.items() if last is None and lane.reads(k)]:
             self.learn_position(reader, key)  # also a shard added while Redis did not answer
-        self.connected = True
+        lane.connected = True
         del bus  # not held across the blocking read
         with self.lock:
-            wanted = {key: last or "$" for key, last in self.lasts.items()}
-            self.reading = frozenset(wanted)
+            wanted = lane.streams(self.lasts)
+            lane.reading = frozenset(wanted)
+        if not wanted:
+            return  # no longer read: the loop ends
         streams = cast(
             "list[tuple[bytes, Entries]] | None",
             reader.xread(wanted, count=BATCH, block=BLOCK_MS),  # type: ignore[arg-type]
@@ -251,7 +261,7 @@ class Receiver:
         if not streams:
             # Nothing new for a while: was a stream deleted, or made again with ids below
             # this receiver's position (which it would wait for forever)?
-            for key in list(self.lasts):
+            for key in wanted:
                 self._check_position(bus, reader, key)
         for raw_key, entries in streams or ():
             key = text(raw_key)
@@ -264,14 +274,14 @@ class Receiver:
             self._deliver(bus, key, entries)
             if not self.epochs.get(key):
                 self._learn_epoch(bus, reader, key)
-        if time.monotonic() >= self._next_stats:
+        if lane.reads(self.key) and time.monotonic() >= self._next_stats:
             self._next_stats = time.monotonic() + STATS_EVERY
             try:
-                self._write_stats(bus, reader)
+                write_stats(bus, reader)
             except self._errors as exc:  # out of memory: delivery goes on
                 if not refused(exc):
                     raise
-                self._log_refused(exc)
+                self._log_refused(lane, exc)
 
     def _learn_epoch(self, bus: RedisBus, reader: redis.Redis, key: str) -> None:
         """Learn the epoch of a stream that did not exist when this receiver started (it
@@ -283,17 +293,6 @@ class Receiver:
         with self.lock:
             if start is not None and key in self.lasts and start <= self.position_in(key):
                 self.epochs[key] = epoch
-
-    def _write_stats(self, bus: RedisBus, client: redis.Redis) -> None:
-        """Report this process's stream counts for :func:`read_stats`."""
-        record = {
-            "streams": bus.stream_count(),
-            "channels": bus.channel_counts(),
-            "time": time.time(),
-        }
-        stats_key = bus.options.stats_key
-        client.hset(stats_key, bus.origin, json.dumps(record))
-        client.expire(stats_key, int(STATS_TTL * 6))
 
     def _check_position(self, bus: RedisBus, reader: redis.Redis, key: str) -> None:
         """Notice a stream that cannot go on from its position. Trimmed past it: end every
@@ -356,7 +355,8 @@ class Receiver:
                 elif sharded:
                     with self.lock:  # the id holds the positions as of this entry
                         self._advance(fanout, key, entry)
-                        fanout.deliver(self._message(bus, fanout, entry, fields, self.vector()))
+                        vector = self._shards.vector(self.lasts)
+                        fanout.deliver(self._message(bus, fanout, entry, fields, vector))
                 else:
                     message = self._message(bus, fanout, entry, fields)
                     with self.lock:

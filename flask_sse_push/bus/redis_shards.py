@@ -3,7 +3,9 @@
 Each channel belongs to one of N stream keys, chosen by the CRC-32 of its name modulo N
 (stable across processes and Python runs, unlike the salted ``hash``); revocation orders go
 to one more stream, the control stream, that every process reads. A process's receiver reads
-the control stream and only the shards its subscriptions need, in one ``XREAD``.
+the control stream and only the shards its subscriptions need, in one ``XREAD`` (on a Redis
+Cluster, which refuses that across hash slots, one ``XREAD`` per stream, see
+:mod:`.redis_lanes`).
 
 An event's id is a *vector*: for each shard the receiver reads, the last entry it delivered
 there, ``<shard>:<ms>-<seq>``, the parts joined by ``.`` in the order of the shards
@@ -18,7 +20,7 @@ import logging
 import re
 import zlib
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..encoding import MAX_FIELD_LENGTH, with_id
 from ..errors import BusError
@@ -86,6 +88,25 @@ class Shards:
     def encode(self, vector: Mapping[int, Position]) -> str:
         """The vector id of *vector*."""
         return SEPARATOR.join(f"{shard}:{entry_id(vector[shard])}" for shard in sorted(vector))
+
+    def positions(self, lasts: Mapping[str, str | None], shards: Iterable[int]) -> Vector | None:
+        """The positions *lasts* (stream key -> last id) hold for *shards*, ``None`` while
+        one is unknown."""
+        keys = self.keys
+        found = {shard: stream_position(lasts.get(keys[shard]) or "") for shard in shards}
+        if any(position is None for position in found.values()):
+            return None
+        return cast(Vector, found)
+
+    def vector(self, lasts: Mapping[str, str | None]) -> str:
+        """The vector id of the shards *lasts* (stream key -> last id) holds."""
+        return self.encode(
+            {
+                shard: stream_position(last or "0-0") or (0, 0)
+                for key, last in lasts.items()
+                if (shard := self._shard_of_key.get(key)) is not None
+            }
+        )
 
     def parse(self, value: str) -> Vector | None:
         """The positions a vector id holds, or ``None`` when it is malformed: too long, a

@@ -12,10 +12,24 @@ from .redis_history import text
 if TYPE_CHECKING:
     import redis
 
+    from .redis import RedisBus
+
 #: Seconds between two reports of this process's stream counts.
 STATS_EVERY = 2.0
 #: How long a process's reported stream counts stay valid, in seconds.
 STATS_TTL = 10.0
+
+
+def write_stats(bus: RedisBus, client: redis.Redis) -> None:
+    """Report this process's stream counts on *bus*, with *client*, for :func:`read_stats`."""
+    record = {
+        "streams": bus.stream_count(),
+        "channels": bus.channel_counts(),
+        "time": time.time(),
+    }
+    stats_key = bus.options.stats_key
+    client.hset(stats_key, bus.origin, json.dumps(record))
+    client.expire(stats_key, int(STATS_TTL * 6))
 
 
 def read_stats(client: redis.Redis, stats_key: str) -> dict[str, Any]:
