@@ -166,7 +166,7 @@ def publish(port: int, rate: float, seconds: float, shards: int = 1) -> float:
     """Publish at *rate* per second for *seconds* with the bus's script, round robin over
     *shards*; the rate achieved."""
     keys = shard_keys(shards)
-    siblings = keys if shards > 1 else []
+    siblings = [KEY + ":heads", *keys] if shards > 1 else []
     args = [[str(4 + len(siblings)), *keys_of(key), *siblings, "1000", ""] for key in keys]
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(command("SCRIPT", "LOAD", _ADD))

@@ -138,7 +138,7 @@ class RedisBus(Bus):
                 wait=options.wait_timeout,
                 cluster=self.connector.cluster,
                 # A cluster refuses a script over the keys of several slots.
-                shards=None if self.connector.cluster else keys,
+                shards=None if self.connector.cluster else [self.shards.heads, *keys],
             )
             for key in keys
         }

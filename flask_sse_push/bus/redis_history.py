@@ -70,9 +70,10 @@ return {facts['length'], facts['entries-added'], facts['last-generated-id'], fir
 #: Add an entry (fields from ``ARGV[3]`` on) trimming to about ``ARGV[1]`` entries; index a
 #: caller-given id ``ARGV[2]`` in ``KEYS[2]``, which moves to ``KEYS[3]`` when it holds
 #: ``ARGV[1]`` ids. A new stream's first id becomes its epoch (``KEYS[4]``): the stream
-#: after a failover has the epoch it had before, a stream made again has another. With the
-#: keys of every shard after those (``KEYS[5]`` on), it answers the newest id of each, the
-#: new entry's for its own, as one string (spaces between): the event's place in them all.
+#: after a failover has the epoch it had before, a stream made again has another. With a
+#: hash of the shards' newest ids (``KEYS[5]``) and the keys of every shard after it, it
+#: records the new id there and answers the newest id of each shard, as one string (spaces
+#: between): the event's place in them all.
 _ADD = """
 local fresh = redis.call('EXISTS', KEYS[1]) == 0
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
@@ -86,14 +87,10 @@ if ARGV[2] ~= '' then
   end
 end
 if #KEYS > 4 then
-  local heads = {}
-  for i = 5, #KEYS do
-    if KEYS[i] == KEYS[1] then
-      heads[#heads + 1] = id
-    else
-      local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)[1]
-      heads[#heads + 1] = last and last[1] or '0-0'
-    end
+  redis.call('HSET', KEYS[5], KEYS[1], id)
+  local heads = redis.call('HMGET', KEYS[5], unpack(KEYS, 6))
+  for i = 1, #heads do
+    heads[i] = heads[i] or '0-0'
   end
   return table.concat(heads, ' ')
 end
@@ -199,8 +196,9 @@ class History:
     :param replicas: replicas that must confirm each entry added (``WAIT``), ``0`` for none.
     :param wait: seconds they have to confirm it.
     :param cluster: whether *client* is a Redis Cluster client.
-    :param shards: the keys of every shard, when *key* is one: :meth:`add` then answers the
-        newest id of each (the new entry's for *key*), separated by spaces.
+    :param shards: when *key* is a shard, the key of the hash of the shards' newest ids
+        followed by the keys of every shard: :meth:`add` then answers the newest id of each
+        (the new entry's for *key*), separated by spaces.
     """
 
     def __init__(

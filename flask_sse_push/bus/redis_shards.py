@@ -71,6 +71,8 @@ class Shards:
         self.keys = [target.stream_key(f"{base}:{shard}") for shard in range(count)]
         #: The stream of revocation orders, read by every process.
         self.control = target.stream_key(f"{base}:control")
+        #: The hash of each shard's newest id (one server only: a cluster spreads the shards).
+        self.heads = target.stream_key(f"{base}:heads")
         self._shard_of_key = {key: shard for shard, key in enumerate(self.keys)}
 
     def shard_of(self, channel: str) -> int:
