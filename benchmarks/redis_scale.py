@@ -181,9 +181,11 @@ def publish(port: int, rate: float, seconds: float, shards: int = 1) -> float:
         body = b"data: %.6f\n\n" % time.time()
         batches = [command("EVALSHA", sha, *arg, "c", "bench", "b", body) for arg in args]
         sock.sendall(b"".join(batches[(sent + i) % shards] for i in range(due)))
-        replies = 0
-        while replies < due:  # each reply: "$<len>\r\n<id>\r\n"
-            replies += sock.recv(1 << 20).count(b"\r\n") // 2
+        ends, carried = 0, b""
+        while ends < 2 * due:  # each reply: "$<len>\r\n<id>\r\n"
+            data = carried + sock.recv(1 << 20)
+            ends += data.count(b"\r\n")  # a reply may be split anywhere between reads
+            carried = data[-1:] if data.endswith(b"\r") else b""
         sent += due
         time.sleep(max(0.0, TICK - (time.monotonic() - started - elapsed)))
     sock.close()
