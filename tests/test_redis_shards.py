@@ -125,6 +125,18 @@ def test_channels_map_to_shards_with_keys_of_their_own(make_bus: Callable[..., R
     assert second is not None and second == {**vector, 2: second[2]} and second[2] > (0, 0)
 
 
+def test_one_shard_is_the_one_stream_as_before(make_bus: Callable[..., RedisBus]) -> None:
+    bus = make_bus(SSE_REDIS_SHARDS=1)
+    assert bus.key == "flask-sse-push:shards"
+    event_id = publish(bus, C1, "x")
+    assert event_id.count("-") == 1 and event_id.replace("-", "").isdigit()
+    assert publish(bus, C1, "y", "0:1-0") == "0:1-0"  # no vector ids here: a caller's id
+    assert bus.client.keys("*") and all(
+        key.decode().startswith("flask-sse-push:shards") and ":0" not in key.decode()
+        for key in bus.client.keys("*")
+    )
+
+
 def test_events_of_every_shard_are_delivered_with_vector_ids(
     make_bus: Callable[..., RedisBus],
 ) -> None:

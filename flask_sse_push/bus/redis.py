@@ -186,16 +186,20 @@ class RedisBus(Bus):
     # -- publishing ----------------------------------------------------------------------
 
     def publish(self, channel: str, body: bytes, event_id: str | None = None) -> str:
-        if event_id is not None and (stream_shaped(event_id) or vector_shaped(event_id)):
+        sharded = self.shards.count > 1
+        if event_id is not None and (
+            stream_shaped(event_id) or (sharded and vector_shaped(event_id))
+        ):
             raise ValueError(
                 f"id {event_id!r} has the form of the Redis bus's own ids "
-                "(<digits>-<digits>), so a client resuming from it would be placed by "
+                "(<digits>-<digits>, or <shard>:<digits>-<digits> parts joined by '.' with "
+                "SSE_REDIS_SHARDS), so a client resuming from it would be placed by "
                 "position; use another form (for example 'order-2024-1'), or id=None"
             )
         fields: dict[str, str | bytes] = {"c": channel, "b": body}
         if event_id is not None:
             fields["i"] = event_id
-        shard = self.shards.shard_of(channel) if self.shards.count > 1 else None
+        shard = self.shards.shard_of(channel) if sharded else None
         try:
             entry = self._add(fields, event_id, shard)
         except Unconfirmed as exc:
