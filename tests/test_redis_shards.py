@@ -198,7 +198,7 @@ def test_a_subscription_to_an_unread_shard_gets_what_is_published_right_after(
         started = time.monotonic()
         publish(bus, channel, f"right after {round_}")
         assert [d for _i, d in take(sub, 1, timeout=5)] == [f"right after {round_}"]
-        assert time.monotonic() - started < 0.5  # well under the 1 s of a blocked read
+        assert time.monotonic() - started < 0.7  # under the 1 s of a blocked read
         bus.unsubscribe(sub)
         time.sleep(0.1)
 

@@ -354,6 +354,8 @@ class Receiver:
                         self._advance(fanout, key, entry)
                 elif sharded:
                     with self.lock:  # the id holds the positions as of this entry
+                        if (stream_position(entry.decode()) or (0, 0)) <= self.position_in(key):
+                            continue  # read before the shard was dropped and taken up again
                         self._advance(fanout, key, entry)
                         vector = self._shards.vector(self.lasts)
                         fanout.deliver(self._message(bus, fanout, entry, fields, vector))
