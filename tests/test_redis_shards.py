@@ -22,7 +22,14 @@ from support.gunicorn import GunicornFactory
 from support.procs import wait_for
 from support.redis_server import RedisFactory, RedisServer
 
-from flask_sse_push import BusError, ConfigurationError, EndReason, ResetReason, get_state
+from flask_sse_push import (
+    BusError,
+    ConfigurationError,
+    EndReason,
+    PublishError,
+    ResetReason,
+    get_state,
+)
 from flask_sse_push.bus import Resume, Subscription, create_bus
 from flask_sse_push.bus.redis import RedisBus
 from flask_sse_push.config import DEFAULTS, Settings
@@ -430,3 +437,35 @@ def test_gunicorn_workers_resume_three_shard_clients_across_a_worker_restart(
         assert all(e.type == "message" for e in client.events)
         assert by_channel([(e.last_event_id, e.data) for e in client.events]) == expected
     assert sum(client.connects > 1 for client in crowd.clients) >= 1
+
+
+def test_wait_for_a_replica_with_shards(redis_server: RedisFactory) -> None:
+    """SSE_REDIS_WAIT_REPLICAS holds per shard: an event confirmed by the replica answers
+    its vector id; without a replica, publishing says the event may not survive."""
+    primary, replica = redis_server(), redis_server()
+    replica.client().replicaof("127.0.0.1", primary.port)
+
+    def replicas() -> int:
+        return int(primary.client().info("replication")["connected_slaves"])
+
+    def synced() -> bool:
+        return replica.client().info("replication").get("master_link_status") == "up"
+
+    assert wait_for(synced, 10)
+    config = {
+        **DEFAULTS,
+        "SSE_REDIS_SHARDS": SHARDS,
+        "SSE_REDIS_WAIT_REPLICAS": 1,
+        "SSE_REDIS_WAIT_TIMEOUT": 0.5,
+    }
+    bus = create_bus(primary.url, Settings.from_mapping(config), "wait")
+    assert isinstance(bus, RedisBus)
+    try:
+        vector = bus.shards.parse(publish(bus, C1, "confirmed"))
+        assert vector is not None and set(vector) == {0, 1, 2}
+        replica.stop()
+        assert wait_for(lambda: replicas() == 0, 10)
+        with pytest.raises(PublishError, match="may or may not survive"):
+            publish(bus, C2, "unconfirmed")
+    finally:
+        bus.close()

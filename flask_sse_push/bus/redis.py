@@ -203,11 +203,13 @@ class RedisBus(Bus):
         try:
             entry = self._add(fields, event_id, shard)
         except Unconfirmed as exc:
-            raise PublishError(self._unconfirmed(exc)) from exc
+            raise PublishError(self._unconfirmed(exc, self._answer(exc.entry, shard))) from exc
         except self.errors as exc:
             raise PublishError(self._failed(exc)) from exc
-        if event_id is not None:
-            return event_id
+        return event_id if event_id is not None else self._answer(entry, shard)
+
+    def _answer(self, entry: str, shard: int | None) -> str:
+        """The id of an event the add script answered *entry* for (in *shard*)."""
         if shard is None:
             return entry
         heads = [stream_position(head) or (0, 0) for head in entry.split()]
@@ -222,10 +224,10 @@ class RedisBus(Bus):
         history = self.history if shard is None else self.shard_history(shard)
         return history.add(fields, own_id)
 
-    def _unconfirmed(self, exc: Unconfirmed) -> str:
+    def _unconfirmed(self, exc: Unconfirmed, entry: str) -> str:
         options = self.options
         return (
-            f"{self.target.describe()} took the event as {exc.entry}, but {exc.confirmed} of "
+            f"{self.target.describe()} took the event as {entry}, but {exc.confirmed} of "
             f"the {options.wait_replicas} replicas asked for (SSE_REDIS_WAIT_REPLICAS) "
             f"confirmed it within {options.wait_timeout} s (SSE_REDIS_WAIT_TIMEOUT): the "
             "event may or may not survive a failover, and streams may have received it."
