@@ -10,6 +10,9 @@ imported when the first bus is created, so it stays an optional extra.
 Event ids are the stream's entry ids (``<milliseconds>-<sequence>``), ordered across all
 channels and valid in every process, so a client resumes on any worker or host. Requires
 Redis 7 or Valkey (``XINFO STREAM`` reports trimmed entries there).
+
+With ``SSE_REDIS_SHARDS`` above 1 the channels are spread over several streams and ids
+are vectors of positions in them (see :mod:`~flask_sse_push.bus.redis_shards`).
 """
 
 from __future__ import annotations
