@@ -46,6 +46,10 @@ SSE_REDIS_KEY = "SSE_REDIS_KEY"
 SSE_REDIS_WAIT_REPLICAS = "SSE_REDIS_WAIT_REPLICAS"
 #: Seconds the replicas have to confirm an event before ``send_event`` raises.
 SSE_REDIS_WAIT_TIMEOUT = "SSE_REDIS_WAIT_TIMEOUT"
+#: Stream keys the Redis bus spreads the channels over (``1``: one stream, as before).
+SSE_REDIS_SHARDS = "SSE_REDIS_SHARDS"
+#: The most shards :data:`SSE_REDIS_SHARDS` may name (an event id holds a position per shard).
+MAX_REDIS_SHARDS = 64
 #: Serve ``GET <prefix>/stats`` (open streams per channel of the answering process, as JSON).
 SSE_STATS = "SSE_STATS"
 #: Serve ``GET <prefix>/health`` (200 while this process can serve streams, 503 otherwise).
@@ -68,6 +72,7 @@ DEFAULTS: Mapping[str, Any] = {
     SSE_REDIS_KEY: None,
     SSE_REDIS_WAIT_REPLICAS: 0,
     SSE_REDIS_WAIT_TIMEOUT: 1.0,
+    SSE_REDIS_SHARDS: 1,
     SSE_SEND_TIMEOUT: 30.0,
     SSE_HEALTH: True,
     SSE_METRICS_PATH: None,
@@ -107,6 +112,18 @@ def _number(config: Mapping[str, Any], key: str, *, minimum: float, integer: boo
     return value
 
 
+def _shards(config: Mapping[str, Any]) -> int:
+    value = config[SSE_REDIS_SHARDS]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_REDIS_SHARDS:
+        raise ConfigurationError(
+            f"{SSE_REDIS_SHARDS} must be a whole number from 1 to {MAX_REDIS_SHARDS}, got "
+            f"{value!r}; use 1 (one stream, the default) unless one Redis stream is too busy, "
+            "and then about as many shards as the Redis servers' cores that serve them. Every "
+            "process of the app must use the same number."
+        )
+    return value
+
+
 def _optional_text(config: Mapping[str, Any], key: str) -> str | None:
     value = config[key]
     if value is not None and (not isinstance(value, str) or not value):
@@ -142,6 +159,7 @@ class Settings:
     :param redis_key: the Redis stream's key, or ``None`` for the default.
     :param redis_wait_replicas: replicas that must confirm each event, ``0`` for none.
     :param redis_wait_timeout: seconds they have to confirm it.
+    :param redis_shards: stream keys the Redis bus spreads the channels over.
     :param send_timeout: seconds a write may stall before the client is dropped, ``0``
         for never.
     :param health: whether ``<prefix>/health`` is served.
@@ -165,6 +183,7 @@ class Settings:
     metrics_path: str | None
     redis_wait_replicas: int = 0
     redis_wait_timeout: float = 1.0
+    redis_shards: int = 1
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -209,4 +228,5 @@ class Settings:
             redis_wait_timeout=float(
                 _number(config, SSE_REDIS_WAIT_TIMEOUT, minimum=0.001, integer=False)
             ),
+            redis_shards=_shards(config),
         )

@@ -5,17 +5,22 @@ published and streams are open, without and with ``WAIT``."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator
 
 import pytest
 from flask import Flask
 from support.app import Apps
 from support.failover import Failover, block_replication, bus_of, open_stream, resume
+from support.procs import wait_for
 from support.redis_cluster import ClusterSet
 from support.redis_ha import Deployments, ask
 from support.redis_server import require_redis_server
+from test_redis_shards import by_channel, events, take
+from test_redis_shards import resume as shard_resume
 
-from flask_sse_push import ConfigurationError, SSEBlueprint, end_streams, send_event
+from flask_sse_push import ConfigurationError, EndReason, SSEBlueprint, end_streams, send_event
+from flask_sse_push.bus import Subscription
 from flask_sse_push.bus.redis_connect import Target
 
 pytestmark = pytest.mark.redis
@@ -132,3 +137,58 @@ def test_cluster_failover_with_wait(cluster: Callable[[], ClusterSet], apps: App
     scenario.check_streams()
     acked = [event_id for _, event_id in scenario.publisher.acked]
     scenario.check_resumes(acked[5])
+
+
+def test_shards_spread_over_the_primaries_and_resume_across_workers(
+    cluster: Callable[[], ClusterSet], apps: Apps
+) -> None:
+    """With SSE_REDIS_SHARDS each shard's keys get a hash tag of their own: the shards live
+    on several primaries, the keys of one shard in one slot. Each worker's receiver reads
+    its streams with one connection each (a cluster refuses one XREAD across slots), and a
+    client of four shards resumes on another worker without loss or repeat."""
+    shards = 4
+    deployment = cluster()
+    config = {"SSE_REDIS_SHARDS": shards, "SSE_REDIS_KEY": "sse:cl", "SSE_KEEPALIVE": 0}
+    workers = [apps(deployment.url, **config) for _ in range(2)]
+    buses = [bus_of(app) for app in workers]
+    keys = buses[0].shards.keys
+    assert keys == [f"{{sse:cl:{shard}}}" for shard in range(shards)]
+    channels = [
+        next(f"c{i}" for i in range(1000) if zlib.crc32(f"c{i}".encode()) % shards == shard)
+        for shard in range(shards)
+    ]
+    sub = Subscription(channels, 256)
+    shard_resume(buses[0], sub, None)
+    published = []
+    for i in range(12):
+        channel = channels[i % shards]
+        buses[1].publish(channel, f"data: {channel}/{i}\n\n".encode(), "own-1" if i == 1 else None)
+        published.append(f"{channel}/{i}")
+    got = take(sub, 12)
+    assert by_channel(got) == by_channel([("", data) for data in published])
+    owners = {deployment.owner(key).port for key in keys}  # type: ignore[union-attr]
+    assert len(owners) >= 2, "every shard landed on one primary"
+    for key in keys:
+        owner = deployment.owner(key)
+        assert owner is not None
+        own = [k.decode() for k in ask(owner.port, "KEYS", key + "*")]
+        assert key in own and key + ":epoch" in own
+        assert len({ask(owner.port, "CLUSTER", "KEYSLOT", k) for k in own}) == 1
+    receiver = buses[0].receiver
+    assert set(receiver._lanes) == {buses[0].key, *keys}
+    # Resume on the other worker from the sixth event, while more come.
+    again = Subscription(channels, 256)
+    replayed = shard_resume(buses[1], again, got[5][0])
+    assert replayed.reset is None
+    for i in range(12, 16):
+        channel = channels[i % shards]
+        buses[0].publish(channel, f"data: {channel}/{i}\n\n".encode())
+        published.append(f"{channel}/{i}")
+    rest = events(b"".join(replayed.replay))
+    rest += take(again, 16 - 6 - len(rest))
+    assert by_channel(got[:6] + rest) == by_channel([("", data) for data in published])
+    # A revocation reaches the other worker through the control stream.
+    buses[1].end_streams(channel=channels[2])
+    assert wait_for(lambda: sub.reason is EndReason.REVOKED, 5)
+    buses[0].unsubscribe(sub)
+    assert set(receiver._lanes) == {buses[0].key}

@@ -10,10 +10,14 @@ imported when the first bus is created, so it stays an optional extra.
 Event ids are the stream's entry ids (``<milliseconds>-<sequence>``), ordered across all
 channels and valid in every process, so a client resumes on any worker or host. Requires
 Redis 7 or Valkey (``XINFO STREAM`` reports trimmed entries there).
+
+With ``SSE_REDIS_SHARDS`` above 1 the channels are spread over several streams and ids
+are vectors of positions in them (see :mod:`~flask_sse_push.bus.redis_shards`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -27,10 +31,19 @@ from ..config import Settings
 from ..encoding import with_id
 from ..errors import BusError, PublishError
 from ..reasons import EndReason
-from .base import Bus, Message, Reset, Resume, Subscription
+from .base import Bus, Message, Resume, Subscription
 from .redis_connect import TOPOLOGY_SCHEMES, Connector, Target, errors, refused
-from .redis_history import CONTROL, History, Position, Unconfirmed, entry_id, stream_shaped
-from .redis_receiver import Receiver, read_stats
+from .redis_history import (
+    CONTROL,
+    History,
+    Unconfirmed,
+    stream_position,
+    stream_shaped,
+)
+from .redis_receiver import Receiver
+from .redis_resume import Resumption
+from .redis_shards import ShardedResumption, Shards, vector_shaped
+from .redis_stats import read_stats
 
 if TYPE_CHECKING:
     import redis
@@ -43,7 +56,8 @@ class RedisSettings:
     """What the Redis bus reads from the app's settings.
 
     :param key: the stream's key (``SSE_REDIS_KEY``, or ``flask-sse-push:<app name>``; in
-        a cluster with a hash tag, ``{...}``, so that every key of the bus has one slot).
+        a cluster with a hash tag, ``{...}``, so that every key of the bus has one slot);
+        with shards, the control stream's key (``<key>:control``).
     :param stats_key: the hash where each process reports its stream counts.
     :param maxlen: entries the stream keeps at least (history, and room for receivers that
         fall behind).
@@ -62,53 +76,16 @@ class RedisSettings:
     @classmethod
     def from_settings(cls, settings: Settings, name: str, target: Target) -> RedisSettings:
         """Derive them from the app's *settings* and *name*, for *target*."""
-        key = target.stream_key(settings.redis_key or f"flask-sse-push:{name}")
+        base = settings.redis_key or f"flask-sse-push:{name}"
+        key = target.stream_key(base)
         return cls(
-            key=key,
+            key=key if settings.redis_shards == 1 else target.stream_key(base + ":control"),
             stats_key=key + ":stats",
             maxlen=max(settings.history_size, 1000),
             timeout=settings.publish_timeout,
             wait_replicas=settings.redis_wait_replicas,
             wait_timeout=settings.redis_wait_timeout,
         )
-
-
-class _Resumption:
-    """Resuming one subscription after a ``Last-Event-ID``: the first call places it (live
-    delivery starts, or it waits for the receiver), later calls only read the replay."""
-
-    def __init__(self, bus: RedisBus, sub: Subscription, last_event_id: str) -> None:
-        self.bus = bus
-        self.sub = sub
-        self.last_event_id = last_event_id
-        #: The replay's bounds, once live delivery has started, and the reset before it.
-        self.span: tuple[Position, Position, Reset | None] | None = None
-
-    def __call__(self) -> Resume:
-        try:
-            if self.span is None:
-                placed = self.bus._place(self.sub, self.last_event_id)
-                if isinstance(placed, Resume):
-                    return placed
-                self.span = placed
-            after, upto, reset = self.span
-            replay = self.bus._replay(self.sub, after, upto)
-            if reset is None or replay.reset is not None:
-                return replay
-            return Resume(replay.replay, reset)
-        except self.bus.errors as exc:
-            if not refused(exc):
-                raise BusError(f"could not read the history from Redis: {exc}") from exc
-            # Refused, not unreachable: asking again would be refused again.
-            log.error(
-                "flask-sse-push: Redis refused to read the history in %r (%s); ending a stream "
-                "that resumed from %r",
-                self.bus.key,
-                exc,
-                self.last_event_id,
-            )
-            self.sub.end(EndReason.ERROR)
-            raise BusError(f"Redis refused to read the history: {exc}") from exc
 
 
 class RedisBus(Bus):
@@ -129,8 +106,11 @@ class RedisBus(Bus):
         self.target = Target.parse(url)
         #: What the bus reads from the settings.
         self.options = RedisSettings.from_settings(settings, name, self.target)
-        #: The stream's key.
+        #: The stream's key (with shards, the control stream's).
         self.key = self.options.key
+        base = settings.redis_key or f"flask-sse-push:{name}"
+        #: The shards' keys (with one shard, none is used: the stream is :attr:`key`).
+        self.shards = Shards(base, settings.redis_shards, self.target)
 
     # -- per-process state ---------------------------------------------------------------
 
@@ -151,9 +131,35 @@ class RedisBus(Bus):
             wait=options.wait_timeout,
             cluster=self.connector.cluster,
         )
+        keys = self.shards.keys if self.shards.count > 1 else []
+        self._histories = {
+            key: History(
+                self.client,
+                key,
+                options.maxlen,
+                replicas=options.wait_replicas,
+                wait=options.wait_timeout,
+                cluster=self.connector.cluster,
+                # A cluster refuses a script over the keys of several slots.
+                shards=None if self.connector.cluster else [self.shards.heads, *keys],
+            )
+            for key in keys
+        }
+        self._histories[self.key] = self.history
+        #: Shards needed by each subscription of this process (with shards only).
+        self._needs: dict[Subscription, frozenset[int]] = {}
         #: This bus instance in this process, for revocation and stream counts.
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._receiver = None
+
+    def history_of(self, key: str) -> History:
+        """The history of stream *key* (the stream, a shard or the control stream)."""
+        self.fanout  # noqa: B018 - creates the per-process state after a fork
+        return self._histories[key]
+
+    def shard_history(self, shard: int) -> History:
+        """The history of *shard* (with shards)."""
+        return self.history_of(self.shards.keys[shard])
 
     @property
     def _client(self) -> redis.Redis:
@@ -183,31 +189,48 @@ class RedisBus(Bus):
     # -- publishing ----------------------------------------------------------------------
 
     def publish(self, channel: str, body: bytes, event_id: str | None = None) -> str:
-        if event_id is not None and stream_shaped(event_id):
+        sharded = self.shards.count > 1
+        if event_id is not None and (
+            stream_shaped(event_id) or (sharded and vector_shaped(event_id))
+        ):
             raise ValueError(
                 f"id {event_id!r} has the form of the Redis bus's own ids "
-                "(<digits>-<digits>), so a client resuming from it would be placed by "
+                "(<digits>-<digits>, or <shard>:<digits>-<digits> parts joined by '.' with "
+                "SSE_REDIS_SHARDS), so a client resuming from it would be placed by "
                 "position; use another form (for example 'order-2024-1'), or id=None"
             )
         fields: dict[str, str | bytes] = {"c": channel, "b": body}
         if event_id is not None:
             fields["i"] = event_id
+        shard = self.shards.shard_of(channel) if sharded else None
         try:
-            entry = self._add(fields, event_id)
+            entry = self._add(fields, event_id, shard)
         except Unconfirmed as exc:
-            raise PublishError(self._unconfirmed(exc)) from exc
+            raise PublishError(self._unconfirmed(exc, self._answer(exc.entry, shard))) from exc
         except self.errors as exc:
             raise PublishError(self._failed(exc)) from exc
-        return event_id if event_id is not None else entry
+        return event_id if event_id is not None else self._answer(entry, shard)
 
-    def _add(self, fields: dict[str, str | bytes], own_id: str | None = None) -> str:
+    def _answer(self, entry: str, shard: int | None) -> str:
+        """The id of an event the add script answered *entry* for (in *shard*)."""
+        if shard is None:
+            return entry
+        heads = [stream_position(head) or (0, 0) for head in entry.split()]
+        if len(heads) == 1:  # a cluster: the event's place in its own shard only
+            return self.shards.encode({shard: heads[0]})
+        return self.shards.encode(dict(enumerate(heads)))
+
+    def _add(
+        self, fields: dict[str, str | bytes], own_id: str | None = None, shard: int | None = None
+    ) -> str:
         self.fanout  # noqa: B018 - creates the per-process state after a fork
-        return self.history.add(fields, own_id)
+        history = self.history if shard is None else self.shard_history(shard)
+        return history.add(fields, own_id)
 
-    def _unconfirmed(self, exc: Unconfirmed) -> str:
+    def _unconfirmed(self, exc: Unconfirmed, entry: str) -> str:
         options = self.options
         return (
-            f"{self.target.describe()} took the event as {exc.entry}, but {exc.confirmed} of "
+            f"{self.target.describe()} took the event as {entry}, but {exc.confirmed} of "
             f"the {options.wait_replicas} replicas asked for (SSE_REDIS_WAIT_REPLICAS) "
             f"confirmed it within {options.wait_timeout} s (SSE_REDIS_WAIT_TIMEOUT): the "
             "event may or may not survive a failover, and streams may have received it."
@@ -267,9 +290,9 @@ class RedisBus(Bus):
         self._end_here(EndReason.REVOKED, order.get("channel"), order.get("user"))
 
     @staticmethod
-    def message(entry_id: bytes, fields: dict[bytes, bytes]) -> Message:
-        """The event a stream entry holds."""
-        wire_id = fields.get(b"i") or entry_id
+    def message(entry_id: bytes, fields: dict[bytes, bytes], vector: str | None = None) -> Message:
+        """The event a stream entry holds; with shards its id is the receiver's *vector*."""
+        wire_id = fields.get(b"i") or (vector.encode() if vector else entry_id)
         payload = with_id(wire_id, fields.get(b"b", b""))
         return Message(fields.get(b"c", b"").decode(), wire_id.decode(), payload)
 
@@ -277,76 +300,50 @@ class RedisBus(Bus):
 
     def subscribe(self, sub: Subscription, last_event_id: str | None) -> Resume:
         receiver = self.receiver
+        added = self._read_shards(sub) if self.shards.count > 1 else []
         with receiver.lock:
             # With a Last-Event-ID, live delivery starts only once the resume point is
             # known (see _place): this process's receiver may still be behind it.
             self.fanout.add(sub, deliver=last_event_id is None)
+        for key in added:
+            with contextlib.suppress(*self.errors):  # the read ends within a second anyway
+                receiver.wake(self.client, key)
         if last_event_id is None:
             return Resume([], None)
-        return Resume([], None, pending=_Resumption(self, sub, last_event_id))
+        if self.shards.count > 1:
+            return Resume([], None, pending=ShardedResumption(self, sub, last_event_id))
+        return Resume([], None, pending=Resumption(self, sub, last_event_id))
+
+    def _read_shards(self, sub: Subscription) -> list[str]:
+        """Have the receiver read the shards *sub* needs, each from its newest entry now
+        (so an event published once :meth:`subscribe` returned is delivered); return the
+        keys it did not read yet."""
+        receiver = self.receiver
+        needs = self.shards.needed(sub.channels)
+        keys = [self.shards.keys[shard] for shard in sorted(needs)]
+        infos: dict[str, Any] = {}
+        for key in keys:
+            if key not in receiver.lasts:
+                with contextlib.suppress(*self.errors):  # else learnt once connected
+                    infos[key] = self.history_of(key).info()
+        with receiver.lock:
+            self._needs[sub] = needs
+            return [key for key in keys if receiver.read(key, infos.get(key))]
 
     def unsubscribe(self, sub: Subscription) -> None:
         fanout = self.fanout
         with fanout.lock:
             if self._receiver is not None:
                 self._receiver.waiting.pop(sub, None)
+                needs = self._needs.pop(sub, frozenset())
+                still = frozenset().union(*self._needs.values()) if needs else needs
+                for shard in needs - still:
+                    self._receiver.unread(self.shards.keys[shard])
             fanout.remove(sub)
-
-    def _place(
-        self, sub: Subscription, last_event_id: str
-    ) -> Resume | tuple[Position, Position, Reset | None]:
-        """Start live delivery to *sub* after *last_event_id*: a :class:`Resume` when there
-        is nothing to replay, else the span of the history to replay (and the reset that
-        goes before it, when the client resumes from the head instead).
-
-        The client got *last_event_id* from some process, maybe one whose receiver is ahead
-        of this one's. So live delivery starts after whichever is later, the resume point or
-        this receiver's position (the cut); the history covers the span between them.
-        """
-        receiver = self.receiver
-        found, head = self.history.locate(last_event_id)
-        if receiver.last is None:
-            raise BusError("the Redis receiver has not connected yet")
-        with receiver.lock:
-            cut = receiver.position
-            if isinstance(found, Reset):
-                # The client refetches its state as of the head: it gets what comes after
-                # the head, live once this receiver is there, else replayed up to the cut.
-                if cut <= head:
-                    self._start_after(sub, head, cut)
-                    return Resume([], found)
-                self.fanout.activate(sub)
-                return head, cut, found
-            if cut <= found:
-                # The receiver has not read past the resume point yet: it starts this
-                # subscription's delivery when it does.
-                receiver.waiting[sub] = found
-                return Resume([], None)
-            self.fanout.activate(sub)
-            return found, cut, None
-
-    def _start_after(self, sub: Subscription, position: Position, cut: Position) -> None:
-        """Deliver to *sub* what comes after *position*. Callers hold the lock."""
-        if cut < position:
-            self.receiver.waiting[sub] = position
-        else:
-            self.fanout.activate(sub)
-
-    def _replay(self, sub: Subscription, after: Position, upto: Position) -> Resume:
-        """The events of *sub*'s channels after *after*, up to *upto* included."""
-        entries = self.history.read(sub.channels, after, upto)
-        replay = [self.message(entry, fields).payload for entry, fields in entries]
-        # Trimming only removes the oldest entries: if nothing after the resume point is
-        # gone now, nothing was gone while the range above was read either. (Nor was the
-        # stream deleted and created again, or the resume point would be outside it.)
-        reason = self.history.info().gap(after)
-        if reason is not None:
-            return Resume([], Reset(reason, entry_id(upto)))
-        return Resume(replay, None)
 
     def cluster_stats(self) -> dict[str, Any]:
         """Open streams of every live process of the app, as each last reported them (see
-        :func:`~flask_sse_push.bus.redis_receiver.read_stats`).
+        :func:`~flask_sse_push.bus.redis_stats.read_stats`).
 
         :raises BusError: when Redis cannot be read.
         """

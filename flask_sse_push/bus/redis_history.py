@@ -70,7 +70,10 @@ return {facts['length'], facts['entries-added'], facts['last-generated-id'], fir
 #: Add an entry (fields from ``ARGV[3]`` on) trimming to about ``ARGV[1]`` entries; index a
 #: caller-given id ``ARGV[2]`` in ``KEYS[2]``, which moves to ``KEYS[3]`` when it holds
 #: ``ARGV[1]`` ids. A new stream's first id becomes its epoch (``KEYS[4]``): the stream
-#: after a failover has the epoch it had before, a stream made again has another.
+#: after a failover has the epoch it had before, a stream made again has another. With a
+#: hash of the shards' newest ids (``KEYS[5]``) and the keys of every shard after it, it
+#: records the new id there and answers the newest id of each shard, as one string (spaces
+#: between): the event's place in them all.
 _ADD = """
 local fresh = redis.call('EXISTS', KEYS[1]) == 0
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
@@ -82,6 +85,14 @@ if ARGV[2] ~= '' then
   if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[1]) then
     redis.call('RENAME', KEYS[2], KEYS[3])
   end
+end
+if #KEYS > 4 then
+  redis.call('HSET', KEYS[5], KEYS[1], id)
+  local heads = redis.call('HMGET', KEYS[5], unpack(KEYS, 6))
+  for i = 1, #heads do
+    heads[i] = heads[i] or '0-0'
+  end
+  return table.concat(heads, ' ')
 end
 return id
 """
@@ -185,6 +196,9 @@ class History:
     :param replicas: replicas that must confirm each entry added (``WAIT``), ``0`` for none.
     :param wait: seconds they have to confirm it.
     :param cluster: whether *client* is a Redis Cluster client.
+    :param shards: when *key* is a shard, the key of the hash of the shards' newest ids
+        followed by the keys of every shard: :meth:`add` then answers the newest id of each
+        (the new entry's for *key*), separated by spaces.
     """
 
     def __init__(
@@ -196,6 +210,7 @@ class History:
         replicas: int = 0,
         wait: float = 1.0,
         cluster: bool = False,
+        shards: list[str] | None = None,
     ) -> None:
         self.client = client
         self.key = key
@@ -206,7 +221,7 @@ class History:
         #: The key holding the id the stream started with.
         self.epoch_key = key + ":epoch"
         #: The stream, the two generations of the index, the epoch: one hash slot.
-        self._keys = [key, key + ":ids", key + ":ids:old", self.epoch_key]
+        self._keys = [key, key + ":ids", key + ":ids:old", self.epoch_key, *(shards or ())]
         self._info = client.register_script(_INFO)
         self._add = client.register_script(_ADD)
 

@@ -1,5 +1,7 @@
 """The Redis bus's receiver: ONE per bus and process, on ONE connection, reading the app's
-stream with ``XREAD BLOCK`` and delivering each entry to the process's fan-out.
+stream with ``XREAD BLOCK`` and delivering each entry to the process's fan-out. With shards
+it reads the control stream and the shards its subscriptions need, in one ``XREAD``; on a
+Redis Cluster, with one connection per stream (see :mod:`.redis_lanes`).
 
 It goes on from the last entry it delivered after an outage, so every event Redis accepted is
 delivered, in order; it holds the bus only weakly, so an app that is gone takes its receiver
@@ -13,7 +15,6 @@ newest entry: the stream keeps its epoch, which a stream made again does not.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -26,10 +27,13 @@ from ..reasons import EndReason, ResetReason
 from .fanout import Fanout
 from .redis_connect import refused
 from .redis_history import Entries, Position, entry_id, stream_position, text
+from .redis_lanes import Lane
+from .redis_stats import STATS_EVERY, write_stats
 
 if TYPE_CHECKING:
     import redis
 
+    from .base import Message
     from .redis import RedisBus
 
 log = logging.getLogger("flask_sse_push")
@@ -38,10 +42,6 @@ log = logging.getLogger("flask_sse_push")
 BATCH = 500
 #: Longest wait of one ``XREAD BLOCK``, in milliseconds.
 BLOCK_MS = 1000
-#: Seconds between two reports of this process's stream counts.
-STATS_EVERY = 2.0
-#: How long a process's reported stream counts stay valid, in seconds.
-STATS_TTL = 10.0
 _BACKOFF_CAP = 2.0
 
 
@@ -62,20 +62,19 @@ class Receiver:
         self.lock = fanout.lock
         self.key = bus.key
         self.name = bus.name
-        #: Id of the last entry delivered, ``None`` until the stream's position is known.
-        self.last: str | None = None
-        #: The epoch of the stream it reads (see :class:`~.redis_history.StreamInfo`).
-        self.epoch: str | None = None
+        self._shards = bus.shards
+        #: Per stream key read: the id of the last entry delivered, ``None`` until known.
+        self.lasts: dict[str, str | None] = {self.key: None}
+        #: Per stream key read: its epoch (see :class:`~.redis_history.StreamInfo`).
+        self.epochs: dict[str, str | None] = {self.key: None}
         #: Subscriptions waiting for the receiver to pass their resume point.
         self.waiting: dict[Any, tuple[int, int]] = {}
-        #: Whether the connection to Redis is up (read by tests and health checks).
-        self.connected = False
         self.stopped = False
         self._pid = os.getpid()
-        self._reader: redis.Redis | None = None
         self._next_stats = 0.0
-        #: The last error Redis answered with, logged once until things work again.
-        self._refused: str | None = None
+        #: One lane per stream (a cluster with shards), else one lane for all (``None``).
+        self._per_key = bus.target.kind == "cluster" and bus.shards.count > 1
+        self._lanes: dict[str | None, Lane] = {}
 
     def start(self) -> None:
         """Learn the stream's position now if Redis answers (so an event published right
@@ -84,238 +83,316 @@ class Receiver:
         if bus is not None:
             with contextlib.suppress(*self._errors):  # else learnt once connected
                 self.learn_position(bus.client)
-        concurrency.spawn(self.run, name=f"sse-redis-{self.name}")
+        self._spawn(self.key if self._per_key else None)
+
+    def _spawn(self, key: str | None) -> None:
+        lane = self._lanes[key] = Lane(key)
+        concurrency.spawn(self.run, lane, name=f"sse-redis-{self.name}")
 
     def stop(self) -> None:
-        """Stop within a second; closing the connection interrupts a blocked read."""
+        """Stop within a second; closing the connections interrupts a blocked read."""
         self.stopped = True
-        if self._reader is not None:
-            self._reader.close()
+        for lane in list(self._lanes.values()):
+            lane.stopped = True
+            lane.disconnect()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connections to Redis are up (read by tests and health checks)."""
+        lanes = list(self._lanes.values())
+        return bool(lanes) and all(lane.connected for lane in lanes)
+
+    @property
+    def reading(self) -> frozenset[str]:
+        """The keys of the reads in progress (a new shard waits until it is among them)."""
+        return frozenset().union(*(lane.reading for lane in list(self._lanes.values())))
+
+    @property
+    def last(self) -> str | None:
+        """Id of the last entry delivered from the (first) stream, ``None`` until known."""
+        return self.lasts.get(self.key)
 
     @property
     def position(self) -> Position:
         """:attr:`last` as a position (``0-0`` while unknown). Callers hold the lock."""
-        return stream_position(self.last or "0-0") or (0, 0)
+        return self.position_in(self.key)
 
-    def learn_position(self, client: redis.Redis) -> None:
-        """Start after the stream's newest entry, unless a position is known already."""
-        if self.last is not None:
+    def position_in(self, key: str) -> Position:
+        """The position in stream *key* (``0-0`` while unknown). Callers hold the lock."""
+        return stream_position(self.lasts.get(key) or "0-0") or (0, 0)
+
+    def shard_positions(self, shards: frozenset[int]) -> dict[int, Position] | None:
+        """The positions in *shards*, ``None`` while one is unknown. Callers hold the lock."""
+        return self._shards.positions(self.lasts, shards) if self.connected else None
+
+    def learn_position(self, client: redis.Redis, key: str | None = None) -> None:
+        """Start after the newest entry of stream *key* (default: the first), unless a
+        position is known already."""
+        key = key or self.key
+        if self.lasts.get(key) is not None:
             return
         bus = self._bus()
         if bus is None:
             return
-        info = bus.history.info(client)
+        info = bus.history_of(key).info(client)
         with self.lock:
-            if self.last is None:
-                self.last = entry_id(info.last_generated)
-                self.epoch = info.epoch
+            if key in self.lasts and self.lasts[key] is None:
+                self.lasts[key] = entry_id(info.last_generated)
+                self.epochs[key] = info.epoch
+
+    def read(self, key: str, info: Any) -> bool:
+        """Start reading stream *key* after the newest entry *info* (a
+        :class:`~.redis_history.StreamInfo`, or ``None`` to learn it once connected) tells
+        of; return whether it was not read yet. Callers hold the lock."""
+        if key in self.lasts:
+            return False
+        self.lasts[key] = entry_id(info.last_generated) if info is not None else None
+        self.epochs[key] = info.epoch if info is not None else None
+        if self._per_key and not self.stopped:
+            self._spawn(key)
+        return True
+
+    def unread(self, key: str) -> None:
+        """Stop reading stream *key*. Callers hold the lock."""
+        self.lasts.pop(key, None)
+        self.epochs.pop(key, None)
+        lane = self._lanes.pop(key, None) if self._per_key else None
+        if lane is not None:
+            lane.stopped = True
+            lane.disconnect()
+
+    def wake(self, client: redis.Redis, key: str) -> None:
+        """Interrupt a blocked read that lacks *key* (``CLIENT UNBLOCK``), so that the next
+        read has it; give up after half a second (the read ends within a second anyway)."""
+        lane = self._lanes.get(None)
+        deadline = time.monotonic() + 0.5
+        while lane is not None and lane.connected and key not in lane.reading:
+            if lane.client_id is not None:
+                client.client_unblock(lane.client_id)
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
 
     # -- the loop ------------------------------------------------------------------------
 
-    def _running(self) -> bool:
-        return not self.stopped and self._pid == os.getpid() and self._bus() is not None
+    def _running(self, lane: Lane) -> bool:
+        return (
+            not self.stopped
+            and not lane.stopped
+            and self._pid == os.getpid()
+            and self._bus() is not None
+        )
 
-    def run(self) -> None:
-        """Read until stopped, reconnecting with backoff while Redis is unreachable."""
+    def run(self, lane: Lane) -> None:
+        """Read *lane*'s streams until stopped, reconnecting with backoff while Redis is
+        unreachable."""
         backoff = 0.1
-        while self._running():
+        while self._running(lane):
             try:
-                self._once()
+                self._once(lane)
                 backoff = 0.1
-                self._refused = None
+                lane.refused = None
             except self._errors as exc:
-                if not self._running():
+                if not self._running(lane):
                     break
                 if refused(exc):
-                    self._log_refused(exc)
-                elif self.connected:
+                    self._log_refused(lane, exc)
+                elif lane.connected:
                     log.warning(
                         "flask-sse-push: lost Redis (%s); open streams stay open, retrying", exc
                     )
-                self._disconnect()
+                lane.disconnect()
                 time.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, _BACKOFF_CAP)
             except Exception:  # a bug must not end delivery for the whole process
-                if not self._running():
+                if not self._running(lane):
                     break  # stop() closed the connection under a blocked read
                 log.exception("flask-sse-push: Redis receiver error")
                 time.sleep(1.0)
-        self._disconnect()
+        lane.disconnect()
 
-    def _log_refused(self, exc: Exception) -> None:
-        if str(exc) != self._refused:
-            self._refused = str(exc)
+    def _log_refused(self, lane: Lane, exc: Exception) -> None:
+        if str(exc) != lane.refused:
+            lane.refused = str(exc)
             log.error(
                 "flask-sse-push: Redis refused to let this worker read %r (%s); open streams "
                 "stay open, retrying",
-                self.key,
+                lane.key or self.key,
                 exc,
             )
 
-    def _disconnect(self) -> None:
-        self.connected = False
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-
-    def _connect(self, bus: RedisBus) -> redis.Redis:
-        if self._reader is None:
-            self._reader = bus.connect(
+    def _connect(self, bus: RedisBus, lane: Lane) -> redis.Redis:
+        if lane.client is None:
+            lane.client = bus.connect(
                 socket_timeout=BLOCK_MS / 1000 + 10, single_connection_client=True, role="receive"
             )
-        return self._reader
+        return lane.client
 
-    def _once(self) -> None:
-        """Read one batch from the stream and deliver it; report the stream counts when due."""
+    def _once(self, lane: Lane) -> None:
+        """Read one batch of *lane*'s streams and deliver it; report the stream counts when
+        due."""
         bus = self._bus()
         if bus is None:
             return
-        reader = self._connect(bus)
-        if not self.connected:
-            # (Re)connecting: learn where to start, or notice entries lost unread.
-            if self.last is None:
-                self.learn_position(reader)
-            else:
-                self._check_position(bus, reader)
-            self.connected = True
+        reader = self._connect(bus, lane)
+        if not lane.connected:
+            # (Re)connecting: notice entries lost unread.
+            for key, last in list(self.lasts.items()):
+                if last is not None and lane.reads(key):
+                    self._check_position(bus, reader, key)
+            if self._shards.count > 1 and lane.key is None:
+                lane.client_id = int(reader.client_id())
+        for key in [k for k, last in self.lasts.items() if last is None and lane.reads(k)]:
+            self.learn_position(reader, key)  # also a shard added while Redis did not answer
+        lane.connected = True
         del bus  # not held across the blocking read
+        with self.lock:
+            wanted = lane.streams(self.lasts)
+            lane.reading = frozenset(wanted)
+        if not wanted:
+            return  # no longer read: the loop ends
         streams = cast(
             "list[tuple[bytes, Entries]] | None",
-            reader.xread({self.key: self.last or "$"}, count=BATCH, block=BLOCK_MS),
+            reader.xread(wanted, count=BATCH, block=BLOCK_MS),  # type: ignore[arg-type]
         )
         bus = self._bus()
         if bus is None:
             return
         if not streams:
-            # Nothing new for a while: was the stream deleted, or made again with ids below
+            # Nothing new for a while: was a stream deleted, or made again with ids below
             # this receiver's position (which it would wait for forever)?
-            self._check_position(bus, reader)
-        for _key, entries in streams or ():
+            for key in wanted:
+                self._check_position(bus, reader, key)
+        for raw_key, entries in streams or ():
+            key = text(raw_key)
+            if key not in self.lasts:
+                continue  # no longer read
             if len(entries) >= BATCH:
                 # A full batch: this receiver is behind, maybe by more than the stream
                 # keeps. Entries trimmed before it read them cannot be delivered.
-                self._check_position(bus, reader)
-            self._deliver(bus, entries)
-        if streams and not self.epoch:
-            self._learn_epoch(bus, reader)
-        if time.monotonic() >= self._next_stats:
+                self._check_position(bus, reader, key)
+            self._deliver(bus, key, entries)
+            if not self.epochs.get(key):
+                self._learn_epoch(bus, reader, key)
+        if lane.reads(self.key) and time.monotonic() >= self._next_stats:
             self._next_stats = time.monotonic() + STATS_EVERY
             try:
-                self._write_stats(bus, reader)
+                write_stats(bus, reader)
             except self._errors as exc:  # out of memory: delivery goes on
                 if not refused(exc):
                     raise
-                self._log_refused(exc)
+                self._log_refused(lane, exc)
 
-    def _learn_epoch(self, bus: RedisBus, reader: redis.Redis) -> None:
+    def _learn_epoch(self, bus: RedisBus, reader: redis.Redis, key: str) -> None:
         """Learn the epoch of a stream that did not exist when this receiver started (it
         tells a failover from a stream made again, see :meth:`_check_position`). The
         epoch is the stream's first id: one after this receiver's position belongs to a
         stream made since, not to the one it read."""
-        epoch = text(reader.get(bus.history.epoch_key) or b"")
+        epoch = text(reader.get(bus.history_of(key).epoch_key) or b"")
         start = stream_position(epoch)
         with self.lock:
-            if start is not None and start <= self.position:
-                self.epoch = epoch
+            if start is not None and key in self.lasts and start <= self.position_in(key):
+                self.epochs[key] = epoch
 
-    def _write_stats(self, bus: RedisBus, client: redis.Redis) -> None:
-        """Report this process's stream counts for :func:`read_stats`."""
-        record = {
-            "streams": bus.stream_count(),
-            "channels": bus.channel_counts(),
-            "time": time.time(),
-        }
-        stats_key = bus.options.stats_key
-        client.hset(stats_key, bus.origin, json.dumps(record))
-        client.expire(stats_key, int(STATS_TTL * 6))
-
-    def _check_position(self, bus: RedisBus, reader: redis.Redis) -> None:
-        """Notice a stream that cannot go on from :attr:`last`. Trimmed past it: end every
-        stream, as lagged, so that their clients resync. Deleted or made again: read the new
-        stream from its start, ending only the streams waiting for a resume point in the old
-        one (which the new one's ids may never pass)."""
-        info = bus.history.info(reader)
+    def _check_position(self, bus: RedisBus, reader: redis.Redis, key: str) -> None:
+        """Notice a stream that cannot go on from its position. Trimmed past it: end every
+        stream that follows it, as lagged, so that their clients resync. Deleted or made
+        again: read the new stream from its start, ending only the streams waiting for a
+        resume point in the old one (which the new one's ids may never pass)."""
+        info = bus.history_of(key).info(reader)
         fanout = self._fanout()
         if fanout is None:
             return
+        shard = self._shards.shard_of_key(key)
+
+        def follows(sub: Any) -> bool:
+            return shard is None or shard in self._shards.needed(sub.channels)
+
         with self.lock:
-            reason = info.gap(self.position)
-            known, self.epoch = self.epoch, info.epoch
+            if key not in self.lasts:
+                return
+            position = self.position_in(key)
+            reason = info.gap(position)
+            known, self.epochs[key] = self.epochs.get(key), info.epoch
             if reason is None:
                 return
-            if info.lost_tail(self.position, known):
+            if info.lost_tail(position, known):
                 why = (
-                    f"Redis lost the newest entries this worker delivered, up to {self.last} "
-                    "(a failover: replication is asynchronous); open streams go on from the "
-                    f"new primary's newest entry, {entry_id(info.last_generated)}"
+                    f"Redis lost the newest entries this worker delivered, up to "
+                    f"{self.lasts[key]} (a failover: replication is asynchronous); open "
+                    f"streams go on from the new primary's newest entry, "
+                    f"{entry_id(info.last_generated)}"
                 )
-                self.last = entry_id(info.last_generated)
+                self.lasts[key] = entry_id(info.last_generated)
                 ended = None
             elif reason is ResetReason.UNKNOWN:
-                why = "the Redis stream was deleted or made again; reading the new one"
-                self.last = "0-0"
+                why = f"the Redis stream {key!r} was deleted or made again; reading the new one"
+                self.lasts[key] = "0-0"
                 waiting, self.waiting = self.waiting, {}
                 ended = fanout.end(EndReason.LAGGED, waiting.__contains__)
+            elif self._shards.count > 1 and shard is None:
+                why = "revocation orders were trimmed from Redis before this worker read them"
+                ended = None
             else:
                 why = "events were trimmed from Redis before this worker read them"
-                ended = fanout.end(EndReason.LAGGED, lambda sub: True)
+                ended = fanout.end(EndReason.LAGGED, follows)
         if ended is None:
             log.warning("flask-sse-push: %s", why)
         else:
             log.warning("flask-sse-push: %s; ended %d streams so their clients resync", why, ended)
 
-    def _deliver(self, bus: RedisBus, entries: Entries) -> None:
+    def _deliver(self, bus: RedisBus, key: str, entries: Entries) -> None:
         fanout = self._fanout()
         if fanout is None:
             return
+        sharded = self._shards.shard_of_key(key) is not None
         for entry, fields in entries:
             try:
                 if bus.is_control(fields):
                     bus.control(fields)
                     with self.lock:
-                        self._advance(fanout, entry)
+                        self._advance(fanout, key, entry)
+                elif sharded:
+                    with self.lock:  # the id holds the positions as of this entry
+                        if (stream_position(entry.decode()) or (0, 0)) <= self.position_in(key):
+                            continue  # read before the shard was dropped and taken up again
+                        self._advance(fanout, key, entry)
+                        vector = self._shards.vector(self.lasts)
+                        fanout.deliver(self._message(bus, fanout, entry, fields, vector))
                 else:
-                    message = bus.message(entry, fields)
-                    if fanout.metrics is not None:  # the entry id starts with its time in ms
-                        message = message._replace(time=int(entry.partition(b"-")[0]) / 1000)
+                    message = self._message(bus, fanout, entry, fields)
                     with self.lock:
-                        self._advance(fanout, entry)
+                        self._advance(fanout, key, entry)
                         fanout.deliver(message)
             except Exception:  # one bad entry must not stop delivery, nor come back
                 log.exception("flask-sse-push: skipped stream entry %r", entry)
                 with self.lock:
-                    self.last = entry.decode()
+                    if key in self.lasts:
+                        self.lasts[key] = entry.decode()
             concurrency.cooperate()
 
-    def _advance(self, fanout: Fanout, entry: bytes) -> None:
-        """Record *entry* as delivered and start the subscriptions waiting for a resume
-        point before it. Callers hold :attr:`lock`."""
-        self.last = entry.decode()
-        if self.waiting:
-            position = stream_position(self.last) or (0, 0)
+    @staticmethod
+    def _message(
+        bus: RedisBus,
+        fanout: Fanout,
+        entry: bytes,
+        fields: dict[bytes, bytes],
+        vector: str | None = None,
+    ) -> Message:
+        message = bus.message(entry, fields, vector)
+        if fanout.metrics is not None:  # the entry id starts with its time in ms
+            message = message._replace(time=int(entry.partition(b"-")[0]) / 1000)
+        return message
+
+    def _advance(self, fanout: Fanout, key: str, entry: bytes) -> None:
+        """Record *entry* of stream *key* as delivered and start the subscriptions waiting
+        for a resume point before it. Callers hold :attr:`lock`."""
+        if key not in self.lasts:
+            return  # no longer read
+        last = self.lasts[key] = entry.decode()
+        if self.waiting and key == self.key:
+            position = stream_position(last) or (0, 0)
             ready = [sub for sub, after in self.waiting.items() if after < position]
             for sub in ready:
                 del self.waiting[sub]
                 fanout.activate(sub)
-
-
-def read_stats(client: redis.Redis, stats_key: str) -> dict[str, Any]:
-    """Open streams of every live process of the app, as each receiver last reported them
-    (every couple of seconds): ``processes`` (``host:pid:instance`` -> ``streams`` and
-    ``channels``), and the totals ``streams`` and ``channels`` (``connections`` repeats
-    ``streams`` for older clients)."""
-    now = time.time()
-    processes: dict[str, dict[str, Any]] = {}
-    for origin, value in cast("dict[bytes, bytes]", client.hgetall(stats_key)).items():
-        record = json.loads(value)
-        if now - record["time"] <= STATS_TTL:
-            processes[text(origin)] = {
-                "streams": record["streams"],
-                "channels": record["channels"],
-            }
-    totals: dict[str, int] = {}
-    for process in processes.values():
-        for channel, count in process["channels"].items():
-            totals[channel] = totals.get(channel, 0) + count
-    streams = sum(p["streams"] for p in processes.values())
-    return {"processes": processes, "streams": streams, "connections": streams, "channels": totals}
