@@ -393,35 +393,67 @@ def _connect_all(
 # -- scenarios ------------------------------------------------------------------------------
 
 
-def scenario_broadcast(
-    args: argparse.Namespace, helpers: Helpers, run: int
+def _steady(
+    args: argparse.Namespace,
+    helpers: Helpers,
+    run: int,
+    scenario: str,
+    servers: list[str],
+    rates: list[float],
+    duration: float,
+    targets: int = 0,
 ) -> list[dict[str, Any]]:
-    """N clients on one channel, R events/s, every server (peers included)."""
+    """``--clients`` streams per server (with *targets*, each on its channel ``user-<i>``),
+    then *rates* one after the other until one saturates."""
     out = []
-    for key in args.servers:
-        _progress(f"broadcast run {run}: {key} ...")
+    path = "/stream?channel=user-{i}" if targets else STREAM_PATH
+    for key in servers:
+        _progress(f"{scenario} run {run}: {key} ...")
 
         def body(session: Session, key: str = key) -> list[dict[str, Any]]:
-            failed = _connect_all(session, key, "broadcast", args.clients)
+            failed = _connect_all(session, key, scenario, args.clients, path)
             if failed:
                 return [failed]
             time.sleep(0.5)
             rss = (session.rss() - session.rss_before) / args.clients / 1024
-            figures = session.measure(args.rate, args.duration)
-            return [
-                {
-                    "scenario": "broadcast",
-                    "server": key,
-                    "run": run,
-                    "held": args.clients,
-                    "rss_kb_per_stream": rss,
-                    **figures,
-                }
-            ]
+            records = []
+            for rate in rates:
+                figures = session.measure(rate, duration, targets=targets)
+                record = {"scenario": scenario, "server": key, "run": run, "held": args.clients}
+                records.append({**record, "rss_kb_per_stream": rss, **figures})
+                _show(records[-1])
+                if figures["saturated"]:
+                    break
+            return records
 
-        out += _run_server(key, "broadcast", args.clients, body, helpers)
-        _show(out[-1])
+        out += _run_server(key, scenario, args.clients, body, helpers)
     return out
+
+
+def scenario_broadcast(
+    args: argparse.Namespace, helpers: Helpers, run: int
+) -> list[dict[str, Any]]:
+    """N clients on one channel, R events/s, every server (peers included)."""
+    return _steady(args, helpers, run, "broadcast", args.servers, [args.rate], args.duration)
+
+
+def scenario_rate(args: argparse.Namespace, helpers: Helpers, run: int) -> list[dict[str, Any]]:
+    """1k streams, rates doubling until the server saturates."""
+    return _steady(args, helpers, run, "rate", args.rate_servers, args.rates, args.rate_duration)
+
+
+def scenario_targeted(args: argparse.Namespace, helpers: Helpers, run: int) -> list[dict[str, Any]]:
+    """A private channel per client, each event to one client; send_event's own cost."""
+    return _steady(
+        args,
+        helpers,
+        run,
+        "targeted",
+        args.targeted_servers,
+        args.targeted_rates,
+        args.duration,
+        targets=args.clients,
+    )
 
 
 def scenario_growth(args: argparse.Namespace, helpers: Helpers, run: int) -> list[dict[str, Any]]:
@@ -480,53 +512,6 @@ def scenario_growth(args: argparse.Namespace, helpers: Helpers, run: int) -> lis
     return out
 
 
-def scenario_rate(args: argparse.Namespace, helpers: Helpers, run: int) -> list[dict[str, Any]]:
-    """1k streams, rates doubling until the server saturates."""
-    out = []
-    for key in args.rate_servers:
-        _progress(f"rate run {run}: {key} ...")
-
-        def body(session: Session, key: str = key) -> list[dict[str, Any]]:
-            failed = _connect_all(session, key, "rate", args.clients)
-            if failed:
-                return [failed]
-            records = []
-            for rate in args.rates:
-                figures = session.measure(rate, args.rate_duration)
-                records.append({"scenario": "rate", "server": key, "run": run, **figures})
-                _show(records[-1])
-                if figures["saturated"]:
-                    break
-            return records
-
-        out += _run_server(key, "rate", args.clients, body, helpers)
-    return out
-
-
-def scenario_targeted(args: argparse.Namespace, helpers: Helpers, run: int) -> list[dict[str, Any]]:
-    """A private channel per client, each event to one client; send_event's own cost."""
-    out = []
-    path = "/stream?channel=user-{i}"
-    for key in args.targeted_servers:
-        _progress(f"targeted run {run}: {key} ...")
-
-        def body(session: Session, key: str = key) -> list[dict[str, Any]]:
-            failed = _connect_all(session, key, "targeted", args.clients, path)
-            if failed:
-                return [failed]
-            records = []
-            for rate in args.targeted_rates:
-                figures = session.measure(rate, args.duration, targets=args.clients)
-                records.append({"scenario": "targeted", "server": key, "run": run, **figures})
-                _show(records[-1])
-                if figures["saturated"]:
-                    break
-            return records
-
-        out += _run_server(key, "targeted", args.clients, body, helpers)
-    return out
-
-
 def system_limits() -> dict[str, Any]:
     """The limits that bound how many loopback connections one machine holds."""
 
@@ -580,7 +565,7 @@ def scenario_machine(args: argparse.Namespace, helpers: Helpers, run: int) -> li
                 record.update(failed)
             else:
                 record["held"] = args.machine_streams
-                record["per_worker"] = [n for t in servers for n in _streams_per_process(t)]
+                record["per_worker"] = [len(p) for t in servers for p in t.stream_peers()]
                 record["rss_kb_per_stream"] = (
                     (session.rss() - session.rss_before) / 1024 / (args.machine_streams)
                 )
@@ -604,25 +589,6 @@ def scenario_machine(args: argparse.Namespace, helpers: Helpers, run: int) -> li
         out.append(record)
         _show(record)
     return out
-
-
-def _streams_per_process(target: Target) -> list[int]:
-    """Established connections to the target's port, per serving process (with several
-    client source addresses, remote ports repeat: count connections, not ports)."""
-    counts = []
-    for proc in target.measured:
-        try:
-            conns = proc.net_connections(kind="tcp")
-        except psutil.Error:
-            conns = []
-        counts.append(
-            sum(
-                1
-                for c in conns
-                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == target.port and c.raddr
-            )
-        )
-    return counts
 
 
 #: The import steps of the footprint scenario: label, statement.
@@ -743,18 +709,7 @@ ONCE = {"machine", "footprint"}
 def _show(record: dict[str, Any]) -> None:
     if record.get("failure"):
         return
-    keys = [
-        "level",
-        "rate",
-        "cpu_us_per_delivery",
-        "cpu_us_per_delivery_all",
-        "latency_p50_ms",
-        "latency_p99_ms",
-        "rss_kb_per_stream",
-        "lost",
-        "call_cpu_us",
-        "publisher_max_lag_ms",
-    ]
+    keys = ["level", "rate", *FIGURES[:8]]
     parts = [f"{k}={_fmt(record[k])}" for k in keys if record.get(k) is not None]
     _progress(f"  {record['server']} {record['scenario']}: " + " ".join(parts))
 

@@ -312,23 +312,28 @@ class Target(ABC):
         """User + system CPU seconds of the helper services so far."""
         return sum(service.cpu_seconds() for service in self.services)
 
-    def streams_by_worker(self) -> list[set[int]]:
-        """Per measured process, the remote (client) ports of its established connections to
-        the server's port: which worker the kernel handed each client to."""
-        out: list[set[int]] = []
+    def stream_peers(self) -> list[list[tuple[str, int]]]:
+        """Per measured process, the remote (client) addresses of its established
+        connections to the server's port: which worker the kernel handed each client to."""
+        out: list[list[tuple[str, int]]] = []
         for proc in self.measured:
             try:
                 conns = proc.net_connections(kind="tcp")
             except psutil.Error:
                 conns = []
             out.append(
-                {
-                    c.raddr.port
+                [
+                    (c.raddr.ip, c.raddr.port)
                     for c in conns
                     if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port and c.raddr
-                }
+                ]
             )
         return out
+
+    def streams_by_worker(self) -> list[set[int]]:
+        """Per measured process, the remote ports of :meth:`stream_peers` (one client
+        address)."""
+        return [{port for _, port in peers} for peers in self.stream_peers()]
 
     def rss_bytes(self) -> int:
         """Resident memory of the measured processes."""
