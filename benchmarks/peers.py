@@ -15,9 +15,9 @@ lazily, inside the server process:
   ``gunicorn -k gevent -w 1 'peers:create_queue_app()'``.
 - :func:`create_starlette_app`: sse-starlette's ``EventSourceResponse`` over one async
   generator per client on an ``asyncio.Queue``, fanned out over a set of queues;
-  ``uvicorn --factory peers:create_starlette_app``. ``sep="\\n"`` (its documented option,
-  on the response and on each ``ServerSentEvent``) gives LF line ends, as the other servers
-  write.
+  ``uvicorn --factory peers:create_starlette_app`` (``uvicorn[standard]``: uvloop and
+  httptools). ``sep="\\n"`` (its documented option, on the response and on each
+  ``ServerSentEvent``) gives LF line ends, as the other servers write.
 """
 
 from __future__ import annotations
