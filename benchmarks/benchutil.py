@@ -19,7 +19,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 _TESTS_DIR = str(Path(__file__).resolve().parent.parent / "tests")
 if _TESTS_DIR not in sys.path:
@@ -153,7 +156,7 @@ def bench_args(query: dict[str, list[str]]) -> tuple[float, float, int]:
     return rate, duration, targets
 
 
-def add_bench_routes(app: Any, publish: Callable[[int, str], None]) -> None:
+def add_bench_routes(app: Flask, publish: Callable[[int, str], None]) -> None:
     """Add the benchmark's control routes to the Flask *app* (served by a gevent worker).
 
     ``GET /bench/ping`` answers ``{"pid": ...}``; ``GET /bench/modules`` the names in

@@ -296,11 +296,12 @@ class Session:
             "client_cpu_util": client / wall,
             "other_cpu_util": max(0.0, machine - cpu - helper - client) / wall,
         }
-        figures.update(_latencies(drains))
+        latencies = _latencies(drains)
+        figures.update(latencies)
         figures["saturated"] = (
-            figures["publisher_max_lag_ms"] > SATURATED_LAG_MS
-            or figures["lost"] > 0
-            or figures["latency_p99_ms"] > SATURATED_P99_MS
+            float(figures["publisher_max_lag_ms"] or 0.0) > SATURATED_LAG_MS
+            or expected > received
+            or latencies["latency_p99_ms"] > SATURATED_P99_MS
         )
         return figures
 
@@ -551,6 +552,7 @@ def scenario_machine(args: argparse.Namespace, helpers: Helpers, run: int) -> li
     out = []
     for key in (BARE, "redis"):
         _progress(f"machine run {run}: {key}, {args.machine_streams:,} streams ...")
+        servers: list[Target]
         if key == BARE:
             servers = [BareTarget(f"bare gevent {i + 1}") for i in range(2)]
         else:
