@@ -612,27 +612,11 @@ IMPORT_STEPS = [
     ("redis", "import redis"),
     ("prometheus_client", "import prometheus_client"),
 ]
-#: Top-level packages a flask-sse-push worker on the memory bus needs (its stack).
-NEEDED = {
-    "flask",
-    "werkzeug",
-    "jinja2",
-    "markupsafe",
-    "itsdangerous",
-    "click",
-    "blinker",
-    "gunicorn",
-    "gevent",
-    "greenlet",
-    "flask_sse_push",
-    "app",
-    "benchutil",
-    "support",
-    "packaging",
-    "zope",
-    "__main__",
-    "builtins",
-}
+#: The import step after which a plain Flask app under gunicorn's gevent worker is loaded:
+#: what the memory worker loads beyond it (and beyond bare) is the package's and the app's.
+STACK_STEP = "flask"
+#: The benchmark's own modules in a worker (not the package's doing).
+BENCH_MODULES = {"app", "benchutil", "support", "__main__"}
 
 _IMPORT_SCRIPT = """
 import json, os, sys, time
@@ -641,7 +625,10 @@ def rss():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 for label, statement in json.loads(sys.argv[1]):
     exec(statement)
-    print(json.dumps({"step": label, "rss_kb": rss() / 1024, "modules": len(sys.modules)}))
+    step = {"step": label, "rss_kb": rss() / 1024, "modules": len(sys.modules)}
+    if label == sys.argv[2]:
+        step["names"] = sorted(sys.modules)
+    print(json.dumps(step))
 """
 
 
@@ -650,7 +637,7 @@ def scenario_footprint(
 ) -> list[dict[str, Any]]:
     """RSS step by step over the imports, idle workers, and the modules a worker loads."""
     done = subprocess.run(
-        [sys.executable, "-c", _IMPORT_SCRIPT, json.dumps(IMPORT_STEPS)],
+        [sys.executable, "-c", _IMPORT_SCRIPT, json.dumps(IMPORT_STEPS), STACK_STEP],
         cwd=REPO_ROOT,
         env=_child_env({}),
         capture_output=True,
@@ -684,7 +671,8 @@ def scenario_footprint(
             }
         finally:
             session.stop()
-    record["unneeded"] = unneeded_modules(record["idle"])
+    stack = next((step.pop("names") for step in steps if "names" in step), [])
+    record["unneeded"] = unneeded_modules(record["idle"], stack)
     return [record]
 
 
@@ -692,16 +680,23 @@ def _tops(modules: Iterable[str]) -> Counter[str]:
     return Counter(name.split(".")[0] for name in modules)
 
 
-def unneeded_modules(idle: dict[str, Any]) -> dict[str, Any]:
-    """What an idle memory-bus worker loads that neither the bare server nor its stack needs:
-    top-level packages (with their module counts), and the package's own submodules."""
+def unneeded_modules(idle: dict[str, Any], stack: list[str]) -> dict[str, Any]:
+    """What an idle memory-bus worker loads beyond a plain Flask app under gunicorn's gevent
+    worker (*stack*: the modules after those imports) and beyond the bare server: counted by
+    top-level package, with the names; and the package's own modules that belong to another
+    bus or an optional feature."""
     memory = idle.get("memory", {}).get("modules", [])
-    bare = set(_tops(idle.get(BARE, {}).get("modules", [])))
-    tops = _tops(memory)
-    extra = {name: n for name, n in sorted(tops.items()) if name not in bare | NEEDED}
+    known = set(stack) | set(idle.get(BARE, {}).get("modules", []))
+    extra = sorted(m for m in memory if m not in known and m.split(".")[0] not in BENCH_MODULES)
+    outside = [m for m in extra if not m.startswith("flask_sse_push")]
     own = sorted(m for m in memory if m.startswith("flask_sse_push."))
     suspicious = [m for m in own if re.search(r"redis|aio|metrics|cli|testing|sentinel", m)]
-    return {"packages": extra, "package_modules": own, "package_modules_to_review": suspicious}
+    return {
+        "packages": dict(sorted(_tops(outside).items())),
+        "modules": outside,
+        "package_modules": own,
+        "package_modules_to_review": suspicious,
+    }
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, Helpers, int], list[dict[str, Any]]]] = {
@@ -1145,9 +1140,10 @@ def render_markdown(data: dict[str, Any]) -> str:
         unneeded = foot[-1]["unneeded"]
         lines += [
             "",
-            "## modules an idle memory-bus worker loads that bare gevent and the stack do not need",
+            "## modules an idle memory-bus worker loads beyond a plain Flask app under "
+            "gunicorn's gevent worker (and beyond bare gevent)",
             "",
-            ", ".join(f"{k} ({n})" for k, n in unneeded["packages"].items()) or "none",
+            ", ".join(unneeded["modules"]) or "none",
             "",
             "package modules to review: "
             + (", ".join(unneeded["package_modules_to_review"]) or "none"),

@@ -82,7 +82,8 @@ def _synthetic() -> dict[str, object]:
             "run": 1,
             "idle": {},
             "unneeded": {
-                "packages": {"asyncio": 29},
+                "packages": {"asyncio": 1},
+                "modules": ["asyncio"],
                 "package_modules": [],
                 "package_modules_to_review": ["flask_sse_push.aio"],
             },
