@@ -1145,7 +1145,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             "## modules an idle memory-bus worker loads beyond a plain Flask app under "
             "gunicorn's gevent worker (and beyond bare gevent)",
             "",
-            ", ".join(unneeded["modules"]) or "none",
+            ", ".join(unneeded.get("modules", [])) or "none",
             "",
             "package modules to review: "
             + (", ".join(unneeded["package_modules_to_review"]) or "none"),
@@ -1186,17 +1186,33 @@ def write_plots(data: dict[str, Any], out_dir: Path) -> list[str]:
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        saturated_shown = False
         for server, steps in series.items():
             points = sorted(
                 (float(k), v[key])
                 for k, v in steps.items()
                 if k and isinstance(v.get(key), int | float)
             )
+            steps_by_x = {float(k): v for k, v in steps.items() if k}
+            failed = [v for v in steps.values() if v.get("failure")]
+            label = _label(server)
+            if failed:
+                # Where a peer stopped: the legend says how far it got.
+                label += f" ({_cell(failed[0], key)})"
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=_label(server))
+                ax.plot(*zip(*points, strict=True), marker="o", label=label)
+            late = [(x, y) for x, y in points if steps_by_x[x].get("saturated")]
+            if late:
+                saturated_label = "saturated" if not saturated_shown else None
+                ax.plot(*zip(*late, strict=True), "kx", markersize=10, label=saturated_label)
+                saturated_shown = True
         ax.set_xlabel("streams on one worker" if scenario == "growth" else "events/s")
         if scenario == "rate":
             ax.set_xscale("log", base=2)
+            rates = sorted({float(k) for steps in series.values() for k in steps if k})
+            ax.set_xticks(rates, [f"{r:g}" for r in rates])
+            ax.minorticks_off()
+        if key.startswith("latency"):
             ax.set_yscale("log")
         else:
             ax.set_ylim(bottom=0)
