@@ -11,7 +11,10 @@ Served by ``broadcast.py`` and ``scale.py`` as ``gunicorn -c python:flask_sse_pu
   the channel ``user-<n mod K>``) R times a second for D seconds, waits for it and answers
   ``{"published": ..., "elapsed_s": ..., "max_lag_ms": ..., "call_cpu_us": ...}``, where
   ``call_cpu_us`` is the mean CPU time of one ``send_event`` call (``time.thread_time()``
-  around it, no HTTP request in it). See ``benchutil.add_bench_routes``.
+  around it, no HTTP request in it; ``send_event`` yields to let the streams write, so a
+  broadcast's figure includes the deliveries it lets run, while with ``targets`` only the
+  publishing greenlet's own time counts: ``benchutil.own_cpu``). See
+  ``benchutil.add_bench_routes``.
 
 Environment: ``BENCH_MAX_CONNECTIONS`` (``SSE_MAX_CONNECTIONS``, default 5000),
 ``BENCH_KEEPALIVE`` (``SSE_KEEPALIVE``, default 15), ``SSE_BUS_URL`` (default

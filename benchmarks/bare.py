@@ -11,7 +11,8 @@
   extension's) and does one ``sendall`` per client of the channel ``bench`` (with
   ``targets``: of the channel ``user-<n mod K>``), R times a second for D seconds; then the
   answer is ``{"published": ..., "elapsed_s": ..., "max_lag_ms": ..., "call_cpu_us": ...}``
-  (``call_cpu_us``: the CPU of one publish call, encoding included).
+  (``call_cpu_us``: the CPU of one publish call, encoding included; with ``targets`` the
+  publishing greenlet's own, see ``benchutil.own_cpu``).
 - ``GET /bench/ping``: ``{"pid": ...}``; ``GET /bench/modules``: the loaded module names.
 
 The stream uses HTTP/1.1 chunked encoding like gunicorn does, so both servers put the same
@@ -152,7 +153,7 @@ class Broadcaster:
         def publish(n: int) -> None:
             self.publish(n, target_channel(n, targets))
 
-        greenlet = gevent.spawn(run_schedule, rate, duration, publish)
+        greenlet = gevent.spawn(run_schedule, rate, duration, publish, targets > 0)
         result = greenlet.get(timeout=duration * 3 + 60)
         body = json.dumps({**result, "pid": os.getpid()}).encode()
         respond(sock, "200 OK", body, "application/json")

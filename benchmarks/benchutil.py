@@ -93,13 +93,18 @@ class Schedule:
             self.total_lag -= delay
         return max(delay, 0.0)
 
-    def timed(self, publish: Callable[[int], None], n: int) -> None:
+    def timed(self, publish: Callable[[int], None], n: int, own: bool = False) -> None:
         """``publish(n)``, adding the CPU time this thread spent in it to :attr:`call_cpu`.
 
-        ``time.thread_time()`` counts only this thread's CPU; the publish calls do not yield
-        to other greenlets (the in-process bus and the bare server only queue or write), so
-        the sum is the calls' own cost with no request handling in it.
+        ``time.thread_time()`` counts only this thread's CPU, with no request handling in
+        it. A call that yields to other greenlets (``send_event`` lets the streams write what
+        it queued) also counts what they do meanwhile: the deliveries it lets run. With
+        *own*, only the time the publishing greenlet itself runs is counted (see
+        :func:`own_cpu`).
         """
+        if own:
+            self.call_cpu += own_cpu(lambda: publish(n))
+            return
         before = time.thread_time()
         publish(n)
         self.call_cpu += time.thread_time() - before
@@ -116,21 +121,57 @@ class Schedule:
         }
 
 
+def own_cpu(call: Callable[[], None]) -> float:
+    """The CPU seconds this thread spends in *call* while the calling greenlet runs.
+
+    A greenlet trace (installed for the call only) stops the clock when the greenlet
+    switches away (to the hub, to the streams it woke) and restarts it when it comes back,
+    so what the other greenlets do meanwhile is left out. The trace costs about a microsecond
+    per switch, which the other greenlets' time absorbs; use it where a call makes few
+    switches (one event to one client), not for a broadcast to thousands.
+    """
+    import greenlet
+
+    me = greenlet.getcurrent()
+    spent = 0.0
+    start = time.thread_time()
+
+    def trace(event: str, args: Any) -> None:
+        nonlocal spent, start
+        if event in ("switch", "throw"):
+            origin, target = args
+            now = time.thread_time()
+            if origin is me:
+                spent += now - start
+            if target is me:
+                start = now
+        if previous is not None:
+            previous(event, args)
+
+    previous = greenlet.settrace(trace)
+    try:
+        call()
+    finally:
+        greenlet.settrace(previous)
+    return spent + time.thread_time() - start
+
+
 def run_schedule(
-    rate: float, duration: float, publish: Callable[[int], None]
+    rate: float, duration: float, publish: Callable[[int], None], own: bool = False
 ) -> dict[str, float | int]:
     """Call ``publish(n)`` for n = 0, 1, ... at *rate* per second for *duration* seconds.
 
     Runs in a greenlet of a gevent server, on a :class:`Schedule`; it always yields
-    (``gevent.sleep(0)`` when late) so the connections' greenlets get to run. Returns
-    :meth:`Schedule.result`.
+    (``gevent.sleep(0)`` when late) so the connections' greenlets get to run. With *own*
+    the publish calls' CPU counts only the publishing greenlet's own (:func:`own_cpu`).
+    Returns :meth:`Schedule.result`.
     """
     import gevent
 
     schedule = Schedule(rate, duration)
     for n in range(schedule.count):
         gevent.sleep(schedule.delay(n))
-        schedule.timed(publish, n)
+        schedule.timed(publish, n, own)
     return schedule.result()
 
 
@@ -162,7 +203,8 @@ def add_bench_routes(app: Flask, publish: Callable[[int, str], None]) -> None:
     ``GET /bench/ping`` answers ``{"pid": ...}``; ``GET /bench/modules`` the names in
     ``sys.modules``; ``POST /bench/start?rate=R&duration=D[&targets=K]`` spawns a greenlet
     that calls ``publish(n, channel)`` in the app context on :func:`run_schedule` (the
-    channel from :func:`target_channel`), waits for it, and answers its figures and pid.
+    channel from :func:`target_channel`; with ``targets`` the calls' own CPU), waits for
+    it, and answers its figures and pid.
     """
     import os
 
@@ -190,7 +232,8 @@ def add_bench_routes(app: Flask, publish: Callable[[int, str], None]) -> None:
 
         def run() -> dict[str, float | int]:
             with app.app_context():
-                return run_schedule(rate, duration, to_channel)
+                # Targeted: one delivery per call, few switches; count send_event's own CPU.
+                return run_schedule(rate, duration, to_channel, own=targets > 0)
 
         result = gevent.spawn(run).get(timeout=duration * 3 + 60)
         return jsonify({**result, "pid": os.getpid()})

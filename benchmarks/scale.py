@@ -673,7 +673,7 @@ def scenario_footprint(
             }
         finally:
             session.stop()
-    stack = next((step.pop("names") for step in steps if "names" in step), [])
+    stack: list[str] = next((step.pop("names") for step in steps if "names" in step), [])
     record["unneeded"] = unneeded_modules(record["idle"], stack)
     return [record]
 
