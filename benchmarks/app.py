@@ -1,13 +1,20 @@
 """The Flask app benchmarked under gunicorn's gevent worker.
 
-Served by ``broadcast.py`` as ``gunicorn -c python:flask_sse_push.gunicorn_conf -k gevent
---pythonpath benchmarks app:app``. Routes:
+Served by ``broadcast.py`` and ``scale.py`` as ``gunicorn -c python:flask_sse_push.gunicorn_conf
+-k gevent --pythonpath benchmarks app:app``. Routes:
 
-- ``GET /stream?channel=bench``: the extension's event stream.
+- ``GET /stream?channel=bench``: the extension's event stream (any channel, e.g. ``user-7``).
 - ``GET /bench/ping``: ``{"pid": <worker pid>}``, to tell that a worker is serving.
-- ``POST /bench/start?rate=R&duration=D``: spawns a greenlet in this worker that publishes
-  ``send_event({"t": time.time(), "n": n}, channel="bench")`` R times a second for D seconds,
-  waits for it and answers ``{"published": ..., "elapsed_s": ..., "max_lag_ms": ...}``.
+- ``GET /bench/modules``: the names in ``sys.modules`` of this worker.
+- ``POST /bench/start?rate=R&duration=D[&targets=K]``: spawns a greenlet in this worker that
+  publishes ``send_event({"t": time.time(), "n": n}, channel="bench")`` (with ``targets``: to
+  the channel ``user-<n mod K>``) R times a second for D seconds, waits for it and answers
+  ``{"published": ..., "elapsed_s": ..., "max_lag_ms": ..., "call_cpu_us": ...}``, where
+  ``call_cpu_us`` is the mean CPU time of one ``send_event`` call (``time.thread_time()``
+  around it, no HTTP request in it; ``send_event`` yields to let the streams write, so a
+  broadcast's figure includes the deliveries it lets run, while with ``targets`` only the
+  publishing greenlet's own time counts: ``benchutil.own_cpu``). See
+  ``benchutil.add_bench_routes``.
 
 Environment: ``BENCH_MAX_CONNECTIONS`` (``SSE_MAX_CONNECTIONS``, default 5000),
 ``BENCH_KEEPALIVE`` (``SSE_KEEPALIVE``, default 15), ``SSE_BUS_URL`` (default
@@ -20,8 +27,8 @@ from __future__ import annotations
 
 import os
 
-from benchutil import CHANNEL, event_data, run_schedule
-from flask import Flask, Response, jsonify, request
+from benchutil import add_bench_routes, event_data
+from flask import Flask
 
 from flask_sse_push import send_event, sse
 
@@ -38,33 +45,10 @@ def create_app() -> Flask:
         app.config["SSE_METRICS_PATH"] = "/metrics"
     app.register_blueprint(sse, url_prefix="/stream")
 
-    @app.get("/bench/ping")
-    def ping() -> Response:
-        return jsonify(pid=os.getpid())
+    def publish(n: int, channel: str) -> None:
+        send_event(event_data(n), channel=channel)
 
-    @app.post("/bench/start")
-    def start() -> Response | tuple[str, int]:
-        import gevent
-
-        try:
-            rate = float(request.args["rate"])
-            duration = float(request.args["duration"])
-        except (KeyError, ValueError):
-            return "rate and duration are required numbers\n", 400
-        if rate <= 0 or duration <= 0:
-            return "rate and duration must be > 0\n", 400
-
-        def publish(n: int) -> None:
-            send_event(event_data(n), channel=CHANNEL)
-
-        def run() -> dict[str, float | int]:
-            with app.app_context():
-                return run_schedule(rate, duration, publish)
-
-        greenlet = gevent.spawn(run)
-        result = greenlet.get(timeout=duration * 3 + 60)
-        return jsonify({**result, "pid": os.getpid()})
-
+    add_bench_routes(app, publish)
     return app
 
 

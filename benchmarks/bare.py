@@ -2,14 +2,18 @@
 
 ``python benchmarks/bare.py --port PORT`` serves on 127.0.0.1:
 
-- ``GET /stream...``: answers minimal SSE response headers and the same first block as
-  flask-sse-push (``retry: 3000``), keeps the socket in a list, and parks the connection's
-  greenlet on ``recv`` to notice when the client goes away (as a real server has to).
-- ``POST /bench/start?rate=R&duration=D``: a publisher greenlet encodes each event ONCE
-  (``id: <epoch>-<n>`` and ``data: {"n": .., "t": ..}``, the same shape as the extension's)
-  and does one ``sendall`` per client, R times a second for D seconds; then the answer is
-  ``{"published": ..., "elapsed_s": ..., "max_lag_ms": ...}``.
-- ``GET /bench/ping``: ``{"pid": ...}``.
+- ``GET /stream?channel=C``: answers minimal SSE response headers and the same first block
+  as flask-sse-push (``retry: 3000``), keeps the socket in the channel's list (a dict lookup
+  per channel), and parks the connection's greenlet on ``recv`` to notice when the client
+  goes away (as a real server has to).
+- ``POST /bench/start?rate=R&duration=D[&targets=K]``: a publisher greenlet encodes each
+  event ONCE (``id: <epoch>-<n>`` and ``data: {"n": .., "t": ..}``, the same shape as the
+  extension's) and does one ``sendall`` per client of the channel ``bench`` (with
+  ``targets``: of the channel ``user-<n mod K>``), R times a second for D seconds; then the
+  answer is ``{"published": ..., "elapsed_s": ..., "max_lag_ms": ..., "call_cpu_us": ...}``
+  (``call_cpu_us``: the CPU of one publish call, encoding included; with ``targets`` the
+  publishing greenlet's own, see ``benchutil.own_cpu``).
+- ``GET /bench/ping``: ``{"pid": ...}``; ``GET /bench/modules``: the loaded module names.
 
 The stream uses HTTP/1.1 chunked encoding like gunicorn does, so both servers put the same
 bytes on the wire per event; each event is one chunk. The listening socket gets
@@ -28,7 +32,16 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import gevent
-from benchutil import HOST, encode_chunk, encode_data, event_data, raise_nofile_limit, run_schedule
+from benchutil import (
+    HOST,
+    bench_args,
+    encode_chunk,
+    encode_data,
+    event_data,
+    raise_nofile_limit,
+    run_schedule,
+    target_channel,
+)
 from gevent import socket
 from gevent.server import StreamServer
 
@@ -63,26 +76,29 @@ def respond(sock: socket.socket, status: str, body: bytes, content_type: str) ->
 
 
 class Broadcaster:
-    """The list of stream sockets and the publisher."""
+    """The stream sockets by channel, and the publisher."""
 
     def __init__(self) -> None:
-        self.clients: dict[socket.socket, None] = {}
+        self.channels: dict[str, dict[socket.socket, None]] = {}
         self.epoch = secrets.token_hex(4).encode()
         self.seq = 0
 
-    def publish(self, n: int) -> None:
-        """Encode event *n* once and ``sendall`` it to every client."""
+    def publish(self, n: int, channel: str) -> None:
+        """Encode event *n* once and ``sendall`` it to every client of *channel*."""
         self.seq += 1
         body = b"id: %s-%d\ndata: %s\n\n" % (self.epoch, self.seq, encode_data(event_data(n)))
         frame = encode_chunk(body)
+        clients = self.channels.get(channel)
+        if not clients:
+            return
         dead: list[socket.socket] = []
-        for sock in list(self.clients):
+        for sock in list(clients):
             try:
                 sock.sendall(frame)
             except OSError:
                 dead.append(sock)
         for sock in dead:
-            self.clients.pop(sock, None)
+            clients.pop(sock, None)
 
     def handle(self, sock: socket.socket, address: Any) -> None:
         """Serve one connection (StreamServer closes the socket when this returns)."""
@@ -99,47 +115,55 @@ class Broadcaster:
         path, _, query = target.partition("?")
         try:
             if method == "GET" and path == "/stream":
-                self.stream(sock)
+                self.stream(sock, parse_qs(query).get("channel", ["bench"])[0])
             elif method == "POST" and path == "/bench/start":
                 self.start(sock, parse_qs(query))
             elif path == "/bench/ping":
                 body = json.dumps({"pid": os.getpid()}).encode()
+                respond(sock, "200 OK", body, "application/json")
+            elif path == "/bench/modules":
+                body = json.dumps(sorted(sys.modules)).encode()
                 respond(sock, "200 OK", body, "application/json")
             else:
                 respond(sock, "404 Not Found", b"not found\n", "text/plain")
         except OSError:
             pass
 
-    def stream(self, sock: socket.socket) -> None:
+    def stream(self, sock: socket.socket, channel: str) -> None:
         """Start the event stream and hold the connection until the client goes away."""
         sock.sendall(_SSE_HEAD + encode_chunk(b"retry: 3000\n\n"))
-        self.clients[sock] = None
+        clients = self.channels.setdefault(channel, {})
+        clients[sock] = None
         try:
             while sock.recv(4096):
                 pass
         except OSError:
             pass
         finally:
-            self.clients.pop(sock, None)
+            clients.pop(sock, None)
 
     def start(self, sock: socket.socket, args: dict[str, list[str]]) -> None:
         """Run the publisher at the requested rate and answer with its figures."""
         try:
-            rate = float(args["rate"][0])
-            duration = float(args["duration"][0])
-        except (KeyError, ValueError):
-            respond(sock, "400 Bad Request", b"rate and duration required\n", "text/plain")
+            rate, duration, targets = bench_args(args)
+        except ValueError as exc:
+            respond(sock, "400 Bad Request", f"{exc}\n".encode(), "text/plain")
             return
-        greenlet = gevent.spawn(run_schedule, rate, duration, self.publish)
+
+        def publish(n: int) -> None:
+            self.publish(n, target_channel(n, targets))
+
+        greenlet = gevent.spawn(run_schedule, rate, duration, publish, targets > 0)
         result = greenlet.get(timeout=duration * 3 + 60)
         body = json.dumps({**result, "pid": os.getpid()}).encode()
         respond(sock, "200 OK", body, "application/json")
 
     def close_all(self) -> None:
         """Close every stream (at shutdown)."""
-        for sock in list(self.clients):
-            sock.close()
-        self.clients.clear()
+        for clients in self.channels.values():
+            for sock in list(clients):
+                sock.close()
+        self.channels.clear()
 
 
 def main(argv: list[str] | None = None) -> int:

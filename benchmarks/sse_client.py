@@ -3,13 +3,19 @@
 Started by ``broadcast.py``, driven by JSON lines on stdin, answering JSON lines on stdout:
 
 - ``{"cmd": "connect", "port": P, "path": "/stream?channel=bench", "n": N, "timeout": S}``
-  opens N connections (at most ``inflight`` connects pending at a time) and answers once
+  opens N more connections (at most ``inflight`` connects pending at a time) and answers once
   every connection has received its response headers and its first body bytes (the
-  ``retry:`` hint both servers start with), or failed, or *timeout* passed.
+  ``retry:`` hint the servers start with), or failed, or *timeout* passed. Options:
+  ``"source": "127.0.0.2"`` binds the connections to that local address (each source
+  address has its own ephemeral ports); a ``{i}`` in the path is replaced by the
+  connection's number, counted from ``"first"`` (default 0), e.g.
+  ``/stream?channel=user-{i}``; ``"ready": "sent"`` counts a connection as ready once its
+  request is written, for servers that send nothing before the first event (flask-sse).
 - ``{"cmd": "mark"}`` starts the measuring window (counters, latencies, client CPU).
 - ``{"cmd": "drain", "expected": K, "quiet": Q, "timeout": S}`` answers, with the figures
   of the window, once every open connection has received K events, or nothing arrived
-  for Q seconds, or S seconds passed.
+  for Q seconds, or S seconds passed; with ``"hist": true`` the answer also holds the
+  latencies as a histogram, which the orchestrator merges over several client processes.
 - ``{"cmd": "per_port"}`` answers ``{"received": {"<local port>": K, ...}}``: the events each
   ready connection received in the window, by its local port (the orchestrator maps the
   ports to the server's workers).
@@ -29,6 +35,7 @@ import contextlib
 import errno
 import json
 import json.scanner
+import math
 import os
 import select
 import socket
@@ -46,6 +53,8 @@ _RECV = 65536
 _scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
+#: Linux's IP_BIND_ADDRESS_NO_PORT (not in the socket module).
+_IP_BIND_ADDRESS_NO_PORT = 24
 
 
 class Conn:
@@ -64,6 +73,7 @@ class Conn:
         "lport",
         "ready_at",
         "received",
+        "request",
         "sock",
         "sse",
         "started",
@@ -77,6 +87,8 @@ class Conn:
         self.ready_at = 0.0
         #: The local port, which tells the server's worker holding the other end.
         self.lport = 0
+        #: The request to send once connected.
+        self.request = b""
         self.head = b""
         self.headers_done = False
         self.status = 0
@@ -102,7 +114,10 @@ class Client:
         self.closed: list[Conn] = []
         self.pending: list[socket.socket] = []
         self.port = 0
-        self.request = b""
+        self.path = ""
+        self.source = ""
+        self.first = 0
+        self.ready_on_sent = False
         self.to_open = 0
         self.inflight = 0
         self.max_inflight = 256
@@ -116,6 +131,7 @@ class Client:
         self.bad_json = 0
         self.goal: dict[str, Any] | None = None
         self.goal_started = 0.0
+        self.goal_hist = False
         self.mark_wall = time.monotonic()
         self.mark_cpu = time.process_time()
         self.mark_times = os.times()
@@ -132,10 +148,10 @@ class Client:
         name = cmd.get("cmd")
         if name == "connect":
             self.port = int(cmd["port"])
-            self.request = (
-                f"GET {cmd['path']} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
-                "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
-            ).encode()
+            self.path = str(cmd["path"])
+            self.source = str(cmd.get("source", ""))
+            self.first = int(cmd.get("first", 0))
+            self.ready_on_sent = cmd.get("ready") == "sent"
             self.to_open = int(cmd["n"])
             self.max_inflight = int(cmd.get("inflight", 256))
             self.set_goal(cmd)
@@ -174,6 +190,7 @@ class Client:
 
     def set_goal(self, cmd: dict[str, Any]) -> None:
         self.goal = cmd
+        self.goal_hist = bool(cmd.get("hist"))
         self.goal_started = time.monotonic()
         self.check_goal(self.goal_started)
 
@@ -247,6 +264,8 @@ class Client:
             "latency_p99_ms": _quantile(lat, 0.99) * 1000,
             "latency_max_ms": (lat[-1] if lat else 0.0) * 1000,
             "latency_mean_ms": (sum(lat) / len(lat) if lat else 0.0) * 1000,
+            # To merge the latencies of several client processes (see latency_histogram).
+            "latency_hist": latency_histogram(lat) if self.goal_hist else {},
             "recv_calls": self.recvs,
             "bytes": self.bytes,
             "client_cpu_s": cpu,
@@ -264,6 +283,10 @@ class Client:
             self.to_open -= 1
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
+            if self.source:
+                # Pick the port at connect time, per destination, not at bind time.
+                sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((self.source, 0))
             err = sock.connect_ex((HOST, self.port))
             if err not in (0, errno.EINPROGRESS):
                 self.connect_errors[errno.errorcode.get(err, str(err))] += 1
@@ -271,6 +294,8 @@ class Client:
                 sock.close()
                 continue
             conn = Conn(sock, now)
+            conn.request = self.request_for(self.first)
+            self.first += 1
             self.conns[sock.fileno()] = conn
             self.inflight += 1
             self.ep.register(sock.fileno(), _EPOLLOUT)
@@ -302,11 +327,28 @@ class Client:
         with contextlib.suppress(OSError):
             conn.lport = sock.getsockname()[1]
         try:
-            sock.sendall(self.request)  # tiny; fits the empty send buffer
+            sock.sendall(conn.request)  # tiny; fits the empty send buffer
         except OSError as exc:
             self.lost_conn(conn, f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}")
             return
+        conn.request = b""
         self.ep.modify(sock.fileno(), _EPOLLIN)
+        if self.ready_on_sent:
+            self.now_ready(conn)
+
+    def request_for(self, index: int) -> bytes:
+        """The request of connection number *index*."""
+        return (
+            f"GET {self.path.replace('{i}', str(index))} HTTP/1.1\r\n"
+            f"Host: {HOST}:{self.port}\r\n"
+            "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+        ).encode()
+
+    def now_ready(self, conn: Conn) -> None:
+        """The stream is open: let another connect start."""
+        conn.ready_at = time.monotonic()
+        self.inflight -= 1
+        self.open_more()
 
     def readable(self, conn: Conn) -> None:
         try:
@@ -332,9 +374,7 @@ class Client:
                 conn.ended = conn.ended or "last-chunk"
         if not conn.ready_at and data:
             # The first body bytes (``retry: ...``): the stream is open.
-            conn.ready_at = time.monotonic()
-            self.inflight -= 1
-            self.open_more()
+            self.now_ready(conn)
         self.parse(conn, data, now)
         if conn.ended:
             self.lost_conn(conn, conn.ended)
@@ -385,12 +425,14 @@ class Client:
                 continue
             if block[:1] == b":" or b"\n:" in block:
                 self.comments(conn, block)
-            start = block.find(b"data: ")
+            start = block.find(b"data:")
             if start >= 0 and (start == 0 or block[start - 1] == 10):
                 stop = block.find(b"\n", start)
+                # One optional space after the colon (flask-sse writes none).
+                value = start + (6 if block[start + 5 : start + 6] == b" " else 5)
                 try:
                     # json's own C scanner: the JSON parser minus loads()'s wrapping.
-                    obj = _scan(block[start + 6 : stop if stop >= 0 else None].decode(), 0)[0]
+                    obj = _scan(block[value : stop if stop >= 0 else None].decode(), 0)[0]
                     t = obj["t"]
                     n = obj["n"]
                 except (ValueError, KeyError, TypeError, IndexError, StopIteration):
@@ -457,6 +499,36 @@ class Client:
             if self.goal is not None and now >= next_check:
                 next_check = now + 0.02
                 self.check_goal(now)
+
+
+#: Histogram buckets grow by this factor: quantiles merged from buckets are within 1%.
+HIST_BASE = 1.02
+
+
+def latency_histogram(latencies: list[float]) -> dict[str, int]:
+    """Latencies (seconds) counted in buckets ``round(log(µs, HIST_BASE))`` (as text keys);
+    at most 1 µs goes to bucket 0."""
+    counts: Counter[str] = Counter()
+    scale = 1 / math.log(HIST_BASE)
+    for value in latencies:
+        us = value * 1e6
+        counts[str(round(math.log(us) * scale)) if us > 1 else "0"] += 1
+    return dict(counts)
+
+
+def histogram_quantile(counts: dict[str, int], q: float) -> float:
+    """The *q* quantile (ms) of merged :func:`latency_histogram` counts (0.0 when empty)."""
+    buckets = sorted((int(key), n) for key, n in counts.items())
+    total = sum(n for _, n in buckets)
+    if not total:
+        return 0.0
+    rank = max(1, math.ceil(q * total))
+    seen = 0
+    for bucket, n in buckets:
+        seen += n
+        if seen >= rank:
+            return float(HIST_BASE**bucket / 1000 if bucket else 0.0)
+    return float(HIST_BASE ** buckets[-1][0] / 1000)
 
 
 def _quantile(values: list[float] | array[float], q: float) -> float:

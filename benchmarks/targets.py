@@ -113,8 +113,10 @@ class RedisService:
 
     name = "redis-server"
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, args: list[str] | None = None) -> None:
         self.log_dir = log_dir
+        #: More ``redis-server`` options (``--maxclients 20000``).
+        self.args = list(args or [])
         self.server: RedisServer | None = None
         self.ps: psutil.Process | None = None
         self._client: redis.Redis | None = None
@@ -126,7 +128,7 @@ class RedisService:
         if redis_server_executable() is None:
             raise RuntimeError("redis-server is not on PATH (Debian package redis-server)")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.server = RedisServer(self.log_dir).start(timeout)
+        self.server = RedisServer(self.log_dir, args=self.args).start(timeout)
         assert self.server.proc is not None
         self.ps = track(self.server.proc.pid)
         self._client = self.server.client(socket_timeout=10)
@@ -145,6 +147,17 @@ class RedisService:
         except RedisError:
             return {}
         return dict(Counter(c["name"] for c in clients if c.get("name")))
+
+    def subscribers(self, channel: str) -> int:
+        """How many pub/sub subscribers *channel* has (``PUBSUB NUMSUB``); 0 when unknown."""
+        from redis.exceptions import RedisError
+
+        if self._client is None:
+            return 0
+        try:
+            return int(dict(self._client.pubsub_numsub(channel)).get(channel.encode(), 0))
+        except RedisError:
+            return 0
 
     def reset(self) -> None:
         """Empty the server (``FLUSHALL``) before a run."""
@@ -202,6 +215,15 @@ class Target(ABC):
         self.measured: list[psutil.Process] = []
 
     stream_path = STREAM_PATH
+    #: When the client counts a stream as open: at its first body bytes (``"body"``), or
+    #: once its request is written (``"sent"``: the server sends nothing before the first
+    #: event; :meth:`wait_ready` then tells when the server holds the streams).
+    ready = "body"
+
+    def wait_ready(self, streams: int, timeout: float) -> int:
+        """Wait (at most *timeout* s) until the server holds *streams* streams of the
+        channel ``bench``; return how many it holds (default: no way to tell, *streams*)."""
+        return streams
 
     @abstractmethod
     def command(self, port: int, clients: int) -> tuple[list[str], dict[str, str]]:
@@ -290,23 +312,28 @@ class Target(ABC):
         """User + system CPU seconds of the helper services so far."""
         return sum(service.cpu_seconds() for service in self.services)
 
-    def streams_by_worker(self) -> list[set[int]]:
-        """Per measured process, the remote (client) ports of its established connections to
-        the server's port: which worker the kernel handed each client to."""
-        out: list[set[int]] = []
+    def stream_peers(self) -> list[list[tuple[str, int]]]:
+        """Per measured process, the remote (client) addresses of its established
+        connections to the server's port: which worker the kernel handed each client to."""
+        out: list[list[tuple[str, int]]] = []
         for proc in self.measured:
             try:
                 conns = proc.net_connections(kind="tcp")
             except psutil.Error:
                 conns = []
             out.append(
-                {
-                    c.raddr.port
+                [
+                    (c.raddr.ip, c.raddr.port)
                     for c in conns
                     if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port and c.raddr
-                }
+                ]
             )
         return out
+
+    def streams_by_worker(self) -> list[set[int]]:
+        """Per measured process, the remote ports of :meth:`stream_peers` (one client
+        address)."""
+        return [{port for _, port in peers} for peers in self.stream_peers()]
 
     def rss_bytes(self) -> int:
         """Resident memory of the measured processes."""
@@ -340,13 +367,114 @@ class Target(ABC):
         return tail(self.log_path, lines)
 
 
-class FlaskTarget(Target):
+class GunicornTarget(Target):
+    """A WSGI app under ``gunicorn -k gevent -w W``, as the peers' documentation serves it:
+    *app* is gunicorn's app argument (``peers:create_queue_app()``), *env* is added to the
+    environment, and ``--worker-connections`` is raised above the client count (gunicorn's
+    default of 1000 would cap the streams)."""
+
+    def __init__(
+        self,
+        name: str,
+        app: str,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        *,
+        services: list[RedisService] | None = None,
+        ready: str = "body",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.app = app
+        self.workers = workers
+        self.env = dict(env or {})
+        self.services = list(services or [])
+        self.ready = ready
+
+    def gunicorn_argv(self, port: int, *options: str) -> list[str]:
+        """gunicorn's command line with the gevent worker, *options*, and the app."""
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            *options,
+            "-k",
+            "gevent",
+            "-w",
+            str(self.workers),
+            "-b",
+            f"{HOST}:{port}",
+            "--no-control-socket",
+            "--pythonpath",
+            str(BENCH_DIR),
+            self.app,
+        ]
+
+    def command(self, port: int, clients: int) -> tuple[list[str], dict[str, str]]:
+        # A peer's streams never end by themselves: without a short graceful timeout every
+        # stop would wait gunicorn's 30 s (this changes nothing while it serves).
+        options = ["--worker-connections", str(clients + 200), "--graceful-timeout", "2"]
+        return self.gunicorn_argv(port, *options), self.env
+
+    def wait_ready(self, streams: int, timeout: float) -> int:
+        """With a Redis helper, the pub/sub subscribers of ``bench`` (flask-sse subscribes
+        each stream), else *streams*."""
+        if self.ready != "sent" or not self.services:
+            return streams
+        deadline = time.monotonic() + timeout
+        held = self.services[0].subscribers("bench")
+        while held < streams and time.monotonic() < deadline:
+            time.sleep(0.2)
+            held = self.services[0].subscribers("bench")
+        return held
+
+    def expected_workers(self) -> int:
+        return self.workers
+
+    def find_workers(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        try:
+            return psutil.Process(self.proc.pid).children()
+        except psutil.Error:
+            return []
+
+
+class UvicornTarget(Target):
+    """An ASGI app factory under ``uvicorn --factory`` (one process)."""
+
+    def __init__(self, name: str, factory: str) -> None:
+        super().__init__()
+        self.name = name
+        self.factory = factory
+
+    def command(self, port: int, clients: int) -> tuple[list[str], dict[str, str]]:
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            self.factory,
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--backlog",
+            "2048",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        return argv, {}
+
+    def expected_workers(self) -> int:
+        return 1
+
+
+class FlaskTarget(GunicornTarget):
     """``benchmarks/app.py`` under gunicorn with the gevent worker and the package's config
     module; *env* is added to the environment (e.g. ``SSE_BUS_URL``). With *metrics* the app
     serves Prometheus metrics at ``/metrics``, in multiprocess mode on a fresh
     ``PROMETHEUS_MULTIPROC_DIR`` per start (removed at stop), as in production."""
-
-    name = "flask-sse-push"
 
     def __init__(
         self,
@@ -357,33 +485,12 @@ class FlaskTarget(Target):
         services: list[RedisService] | None = None,
         metrics: bool = False,
     ) -> None:
-        super().__init__()
-        self.workers = workers
-        self.env = dict(env or {})
+        super().__init__(name or "flask-sse-push", "app:app", workers, env, services=services)
         self.metrics = metrics
         self._metrics_dir: str | None = None
-        if name is not None:
-            self.name = name
-        self.services = list(services or [])
 
     def command(self, port: int, clients: int) -> tuple[list[str], dict[str, str]]:
-        argv = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            "python:flask_sse_push.gunicorn_conf",
-            "-k",
-            "gevent",
-            "-w",
-            str(self.workers),
-            "-b",
-            f"{HOST}:{port}",
-            "--no-control-socket",
-            "--pythonpath",
-            str(BENCH_DIR),
-            "app:app",
-        ]
+        argv = self.gunicorn_argv(port, "-c", "python:flask_sse_push.gunicorn_conf")
         max_connections = max(5000, clients + 100)
         env = {
             "BENCH_MAX_CONNECTIONS": str(max_connections),
@@ -426,21 +533,16 @@ class FlaskTarget(Target):
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
             self._metrics_dir = None
 
-    def expected_workers(self) -> int:
-        return self.workers
-
-    def find_workers(self) -> list[psutil.Process]:
-        assert self.proc is not None
-        try:
-            return psutil.Process(self.proc.pid).children()
-        except psutil.Error:
-            return []
-
 
 class BareTarget(Target):
     """``benchmarks/bare.py``: the bare gevent broadcaster."""
 
     name = "bare gevent"
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__()
+        if name is not None:
+            self.name = name
 
     def command(self, port: int, clients: int) -> tuple[list[str], dict[str, str]]:
         return [sys.executable, str(BENCH_DIR / "bare.py"), "--port", str(port)], {}
@@ -475,9 +577,17 @@ class ClientProcess:
 
     def request(self, command: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send *command* and wait at most *timeout* seconds for the answer."""
+        self.send(command)
+        return self.answer(command, timeout)
+
+    def send(self, command: dict[str, Any]) -> None:
+        """Send *command* without waiting (several clients then work at once)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(command).encode() + b"\n")
         self.proc.stdin.flush()
+
+    def answer(self, command: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Wait at most *timeout* seconds for the answer to *command*."""
         try:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:

@@ -22,7 +22,9 @@ extensions = ["sphinx.ext.autodoc", "sphinx.ext.intersphinx"]
 intersphinx_mapping: dict[str, tuple[str, str | None]] = {}
 
 root_doc = "index"
-exclude_patterns = ["_build"]
+# performance_results.rst is written by ``benchmarks/scale.py --docs`` and included by
+# performance.rst, not a page of its own.
+exclude_patterns = ["_build", "performance_results.rst"]
 templates_path: list[str] = []
 
 html_theme = "alabaster"
