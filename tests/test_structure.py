@@ -4,6 +4,8 @@ in one sitting."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import flask_sse_push
@@ -67,3 +69,29 @@ def test_no_module_is_too_long() -> None:
     }
     assert max(lengths.values()) > 50  # the files were read
     assert {name: n for name, n in lengths.items() if n > MAX_LINES} == {}
+
+
+def test_a_worker_on_the_in_process_bus_loads_no_redis_and_no_asyncio() -> None:
+    """What a worker does not need is not loaded: the Redis bus's modules and asyncio are
+    imported when a Redis bus or an async generator is first used."""
+    script = (
+        "import sys\n"
+        "from flask import Flask\n"
+        "from flask_sse_push import send_event, sse\n"
+        "app = Flask('x')\n"
+        "app.register_blueprint(sse, url_prefix='/s')\n"
+        "with app.app_context():\n"
+        "    send_event('x')\n"
+        "print(' '.join(m for m in sys.modules if 'redis' in m or m.startswith('asyncio')))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    assert loaded == []
+
+
+def test_the_redis_schemes_are_registered_before_the_redis_bus_is_imported() -> None:
+    from flask_sse_push.bus import REDIS_SCHEMES
+    from flask_sse_push.bus.redis import RedisBus
+
+    assert sorted(REDIS_SCHEMES) == sorted(RedisBus.schemes)
