@@ -20,14 +20,15 @@ Environment: ``BENCH_MAX_CONNECTIONS`` (``SSE_MAX_CONNECTIONS``, default 5000),
 ``BENCH_KEEPALIVE`` (``SSE_KEEPALIVE``, default 15), ``SSE_BUS_URL`` (default
 ``memory://``; ``--mode redis`` sets ``redis://127.0.0.1:<port>/0``) and ``BENCH_METRICS``
 (``1``: Prometheus metrics at ``/metrics``, with ``PROMETHEUS_MULTIPROC_DIR`` set by
-``--metrics``).
+``--metrics``) and ``BENCH_TRACEMALLOC`` (``1``: ``POST /bench/snapshot``, see
+``stream_memory.py``).
 """
 
 from __future__ import annotations
 
 import os
 
-from benchutil import add_bench_routes, event_data
+from benchutil import add_bench_routes, add_snapshot_route, event_data
 from flask import Flask
 
 from flask_sse_push import send_event, sse
@@ -49,6 +50,8 @@ def create_app() -> Flask:
         send_event(event_data(n), channel=channel)
 
     add_bench_routes(app, publish)
+    if os.environ.get("BENCH_TRACEMALLOC") == "1":
+        add_snapshot_route(app)
     return app
 
 

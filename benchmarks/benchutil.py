@@ -237,3 +237,27 @@ def add_bench_routes(app: Flask, publish: Callable[[int, str], None]) -> None:
 
         result = gevent.spawn(run).get(timeout=duration * 3 + 60)
         return jsonify({**result, "pid": os.getpid()})
+
+
+def add_snapshot_route(app: Flask) -> None:
+    """Add ``POST /bench/snapshot?name=N`` to *app*, for a process started with
+    ``PYTHONTRACEMALLOC=1``: it takes a tracemalloc snapshot (after a garbage collection)
+    and answers ``{"growth": {file: bytes}}``, what each source file allocated since the
+    snapshot named ``before``."""
+    import gc
+    import tracemalloc
+
+    from flask import Response, jsonify, request
+
+    snapshots: dict[str, tracemalloc.Snapshot] = {}
+
+    @app.post("/bench/snapshot")
+    def snapshot() -> Response:
+        name = request.args.get("name", "before")
+        gc.collect()
+        snapshots[name] = tracemalloc.take_snapshot()
+        growth: dict[str, int] = {}
+        if name != "before" and "before" in snapshots:
+            for stat in snapshots[name].compare_to(snapshots["before"], "filename"):
+                growth[stat.traceback[0].filename] = stat.size_diff
+        return jsonify(growth=growth)

@@ -61,6 +61,7 @@ def shard_keys(shards: int) -> list[str]:
     """The stream keys of *shards* shards (one: the stream itself)."""
     return [KEY] if shards == 1 else [f"{KEY}:{shard}" for shard in range(shards)]
 
+
 #: What precedes the fields of each entry in an XREAD reply (the bus's ``c`` and ``b``).
 MARK = b"\r\n*4\r\n$1\r\nc\r\n$5\r\nbench\r\n$1\r\nb\r\n"
 TICK = 0.005

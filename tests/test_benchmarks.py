@@ -36,7 +36,10 @@ def test_benchmark_client_self_test() -> None:
     assert "self-test passed" in done.stderr
 
 
-@pytest.mark.parametrize(("script", "option"), [("broadcast.py", "--mode"), ("bare.py", "--port")])
+@pytest.mark.parametrize(
+    ("script", "option"),
+    [("broadcast.py", "--mode"), ("bare.py", "--port"), ("stream_memory.py", "--streams")],
+)
 def test_benchmark_command_line(script: str, option: str) -> None:
     done = run_script(f"benchmarks/{script}", "--help")
     assert done.returncode == 0, done.stderr
@@ -176,3 +179,15 @@ def test_scale_report_from_json(tmp_path: Path) -> None:
     text = readme.read_text()
     assert "old table" not in text and "| flask-sse-push memory |" in text
     assert "1.40x" in text and text.endswith("See `docs/performance.rst`.\n")
+
+
+def test_stream_memory_names_the_package_of_each_file() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from stream_memory import package_of
+    finally:
+        sys.path.pop(0)
+    assert package_of("/x/site-packages/gunicorn/http/wsgi.py") == "gunicorn"
+    assert package_of("/x/flask_sse_push/mailbox.py") == "flask-sse-push"
+    assert package_of("/x/site-packages/flask/app.py") == "flask"
+    assert package_of("/usr/lib/python3.11/socket.py") == "standard library / other"
