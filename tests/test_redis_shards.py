@@ -469,3 +469,33 @@ def test_wait_for_a_replica_with_shards(redis_server: RedisFactory) -> None:
             publish(bus, C2, "unconfirmed")
     finally:
         bus.close()
+
+
+def test_a_new_shard_learnt_late_loses_nothing_published_after_subscribing(
+    redis_server: RedisFactory,
+) -> None:
+    """Redis is down when a subscription needs a shard the receiver does not read yet: the
+    shard's position is learnt once Redis is back, yet an event published after the
+    subscription, before the receiver learnt the position, is delivered."""
+    redis = redis_server()
+    config = {**DEFAULTS, "SSE_KEEPALIVE": 0, "SSE_REDIS_SHARDS": SHARDS}
+    bus = create_bus(redis.url, Settings.from_mapping(config), "late")
+    assert isinstance(bus, RedisBus)
+    try:
+        first = Subscription([C0], 8)
+        resume(bus, first, None)
+        publish(bus, C1, "before")
+        redis.stop()
+        time.sleep(1.5)  # the receiver now retries every second or so
+        sub = Subscription([C1], 8)
+        resume(bus, sub, None)  # the shard's position could not be read
+        redis.start()
+        publish(bus, C1, "after")  # within milliseconds, before the receiver is back
+        assert bus.receiver.lasts[bus.shards.keys[1]] is None, "the test came too late"
+        publish(bus, C1, "later")
+        assert [d for _i, d in take(sub, 2, timeout=5)] == ["after", "later"]
+        bus.unsubscribe(first)
+        bus.unsubscribe(sub)
+    finally:
+        bus.close()
+
