@@ -499,3 +499,21 @@ def test_a_new_shard_learnt_late_loses_nothing_published_after_subscribing(
     finally:
         bus.close()
 
+
+def test_ids_answered_after_one_shard_was_deleted_resume_without_a_reset(
+    make_bus: Callable[..., RedisBus],
+) -> None:
+    """One shard's stream alone is deleted: the ids send_event answers afterwards place
+    the event before that shard's next stream, so resuming from them needs no reset."""
+    bus = make_bus()
+    publish(bus, C1, "old stream")
+    bus.client.delete(bus.shards.keys[1])
+    event_id = publish(bus, C0, "after the delete")
+    vector = bus.shards.parse(event_id)
+    assert vector is not None and vector[1] == (0, 0), event_id
+    sub = Subscription([C0, C1], 8)
+    result = resume(bus, sub, event_id)
+    assert result.reset is None and result.replay == []
+    publish(bus, C1, "new stream")
+    assert [d for _i, d in take(sub, 1)] == ["new stream"]
+    bus.unsubscribe(sub)

@@ -74,7 +74,8 @@ return {facts['length'], facts['entries-added'], facts['last-generated-id'], fir
 #: after a failover has the epoch it had before, a stream made again has another. With a
 #: hash of the shards' newest ids (``KEYS[5]``) and the keys of every shard after it, it
 #: records the new id there and answers the newest id of each shard, as one string (spaces
-#: between): the event's place in them all.
+#: between): the event's place in them all. A shard whose stream is gone (deleted alone)
+#: counts as ``0-0``, before its next stream, whatever the hash still holds for it.
 _ADD = """
 local fresh = redis.call('EXISTS', KEYS[1]) == 0
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
@@ -91,7 +92,9 @@ if #KEYS > 4 then
   redis.call('HSET', KEYS[5], KEYS[1], id)
   local heads = redis.call('HMGET', KEYS[5], unpack(KEYS, 6))
   for i = 1, #heads do
-    heads[i] = heads[i] or '0-0'
+    if not heads[i] or redis.call('EXISTS', KEYS[5 + i]) == 0 then
+      heads[i] = '0-0'
+    end
   end
   return table.concat(heads, ' ')
 end
