@@ -318,14 +318,7 @@ class Failover:
             assert not watcher.reader.ended
             assert_in_order(ids, watcher.received, self.killed_at)
             missing = sorted(set(kept) - set(ids), key=position)
-            # Each missed number, with when it was acknowledged (seconds from the kill).
-            when = {
-                n: round(t - self.killed_at, 2)
-                for t, event_id in self.publisher.acked
-                if (n := numbers[event_id]) in missing
-            }
-            switched = round(self.switched_at - self.killed_at, 2)
-            assert missing == [], f"a stream missed {when}; new primary at {switched}"
+            assert missing == [], f"a stream missed {len(missing)} events: {missing[:5]}"
         assert self.figures()["keep-alives per stream during the outage"] >= 1
 
     def check_resumes(self, since: str) -> None:
