@@ -266,7 +266,7 @@ class History:
         nodes: Any = client
         return cast("redis.Redis", nodes.get_redis_connection(nodes.get_node_from_key(self.key)))
 
-    def position_at(self, moment: float, client: redis.Redis | None = None) -> Position:
+    def position_at(self, moment: float, client: redis.Redis | None = None) -> tuple[int, int]:
         """The position of the newest entry added before *moment* (a ``time.time()`` of
         this host), ``0-0`` when there is none: every entry added after *moment* comes
         after it. Read with *client* (default: the bus's client).
