@@ -517,3 +517,33 @@ def test_ids_answered_after_one_shard_was_deleted_resume_without_a_reset(
     publish(bus, C1, "new stream")
     assert [d for _i, d in take(sub, 1)] == ["new stream"]
     bus.unsubscribe(sub)
+
+
+def test_an_idle_receiver_of_64_shards_costs_redis_little(shared_redis: RedisServer) -> None:
+    """A receiver reading 64 idle shards and the control stream: each idle read (one a
+    second) checks the position of a few of its streams in turn, not of every one."""
+    shared_redis.client().flushdb()
+    config = {**DEFAULTS, "SSE_KEEPALIVE": 0, "SSE_REDIS_SHARDS": 64}
+    bus = create_bus(shared_redis.url, Settings.from_mapping(config), "idle")
+    assert isinstance(bus, RedisBus)
+    admin = shared_redis.client()
+
+    def scripts() -> tuple[int, int]:
+        stats = admin.info("commandstats").get("cmdstat_evalsha", {"calls": 0, "usec": 0})
+        return int(stats["calls"]), int(stats["usec"])
+
+    try:
+        names = {bus.shards.shard_of(f"c{i}"): f"c{i}" for i in range(2000)}
+        assert len(names) == 64
+        sub = Subscription(list(names.values()), 8)
+        resume(bus, sub, None)
+        assert wait_for(lambda: len(bus.receiver.reading) == 65, 5)
+        time.sleep(1.5)
+        calls, usec = scripts()
+        time.sleep(4)
+        calls, usec = (now - before for now, before in zip(scripts(), (calls, usec), strict=True))
+        print(f"\nidle, 64 shards: {calls / 4:.1f} scripts/s, {usec / 4:.0f} µs/s of Redis")
+        assert calls / 4 <= 6
+        bus.unsubscribe(sub)
+    finally:
+        bus.close()

@@ -41,6 +41,9 @@ log = logging.getLogger("flask_sse_push")
 BATCH = 500
 #: Longest wait of one ``XREAD BLOCK``, in milliseconds.
 BLOCK_MS = 1000
+#: Streams whose position one idle read checks at most; with more, they take turns (64
+#: idle shards each cost a script a second otherwise).
+IDLE_CHECKS = 4
 _BACKOFF_CAP = 2.0
 
 
@@ -278,7 +281,7 @@ class Receiver:
         if not streams:
             # Nothing new for a while: was a stream deleted, or made again with ids below
             # this receiver's position (which it would wait for forever)?
-            for key in wanted:
+            for key in lane.take_turns(sorted(wanted), IDLE_CHECKS):
                 self._check_position(bus, reader, key)
         for raw_key, entries in streams or ():
             key = text(raw_key)
