@@ -547,3 +547,29 @@ def test_an_idle_receiver_of_64_shards_costs_redis_little(shared_redis: RedisSer
         bus.unsubscribe(sub)
     finally:
         bus.close()
+
+
+def test_the_first_stream_of_one_stream_bus_while_redis_is_down_loses_nothing(
+    redis_server: RedisFactory,
+) -> None:
+    """With one stream (SSE_REDIS_SHARDS = 1) the same holds for the first subscription of
+    a process, which starts the receiver: Redis is down, so the stream's position is learnt
+    later, yet what is published after the subscription is delivered."""
+    redis = redis_server()
+    config = {**DEFAULTS, "SSE_KEEPALIVE": 0}
+    bus = create_bus(redis.url, Settings.from_mapping(config), "late")
+    assert isinstance(bus, RedisBus)
+    try:
+        publish(bus, C1, "before")
+        redis.stop()
+        sub = Subscription([C1], 8)
+        bus.subscribe(sub, None)  # the receiver starts; the position could not be read
+        time.sleep(1.5)  # the receiver now retries every second or so
+        redis.start()
+        publish(bus, C1, "after")  # within milliseconds, before the receiver is back
+        assert bus.receiver.last is None, "the test came too late"
+        publish(bus, C1, "later")
+        assert [d for _i, d in take(sub, 2, timeout=5)] == ["after", "later"]
+        bus.unsubscribe(sub)
+    finally:
+        bus.close()
