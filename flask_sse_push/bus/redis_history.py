@@ -91,8 +91,15 @@ end
 if #KEYS > 4 then
   redis.call('HSET', KEYS[5], KEYS[1], id)
   local heads = redis.call('HMGET', KEYS[5], unpack(KEYS, 6))
+  local known = {}
   for i = 1, #heads do
-    if not heads[i] or redis.call('EXISTS', KEYS[5 + i]) == 0 then
+    if heads[i] then
+      known[#known + 1] = KEYS[5 + i]
+    end
+  end
+  local stale = #known > 0 and redis.call('EXISTS', unpack(known)) < #known
+  for i = 1, #heads do
+    if not heads[i] or (stale and redis.call('EXISTS', KEYS[5 + i]) == 0) then
       heads[i] = '0-0'
     end
   end
