@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -343,3 +344,59 @@ def test_four_workers_answer_the_sums(
     assert wait_for(lambda: str(gone) not in per_worker(metrics()), 15)
     assert wait_for(lambda: len(per_worker(metrics())) == WORKERS, 15)
     assert metrics()["sse_deliveries_total"] == EVENTS * CLIENTS  # counters stay
+
+
+@pytest.mark.redis
+def test_deliveries_lag_and_replays_with_shards(bus_url: str) -> None:
+    """SSE_REDIS_SHARDS = 3: each stream counts the events of its shards once, the first
+    event's lag is observed by each stream it reached, and a resume from a vector id counts
+    what it replayed."""
+    if not bus_url.startswith("redis"):
+        pytest.skip("shards are a Redis bus setting")
+    factory = AppFactory(
+        SSE_BUS_URL=bus_url, SSE_KEEPALIVE=0.2, SSE_METRICS_PATH="/metrics", SSE_REDIS_SHARDS=3
+    )
+    app, _ = factory()
+    channels = [
+        next(f"c{i}" for i in range(100) if zlib.crc32(f"c{i}".encode()) % 3 == shard)
+        for shard in range(3)
+    ]
+    every = "&channel=".join(channels)
+    try:
+        with (
+            EventReader(open_stream(app, every)) as all_three,
+            EventReader(open_stream(app, channels[1])) as one,
+        ):
+            assert wait_for(lambda: scrape(app)["sse_open_streams"] == 2, 5)
+            publish(app, "first", channels[1])  # sampled: both streams observe it
+            # Read before the others are published: across shards, a read may deliver
+            # them first.
+            got = all_three.events(count=1, timeout=10)
+            assert len(one.events(count=1, timeout=10)) == 1
+            for n, channel in enumerate(channels * 2):
+                publish(app, n, channel)
+            got += all_three.events(count=6, timeout=10)
+            assert len(got) == 7
+            assert len(one.events(count=2, timeout=10)) == 2
+
+            def observed() -> bool:
+                # A stream observes the lag once the server asks it for more: read on.
+                for reader in (all_three, one):
+                    assert reader.events(timeout=0.05) == []
+                return scrape(app)["sse_delivery_lag_seconds_count"] == 2
+
+            assert wait_for(observed, 5)
+            metrics = scrape(app)
+        # Across shards the order may differ from the publishing order: what came after.
+        after = sorted(e.data for e in got[3:])
+        with EventReader(open_stream(app, every, last_event_id=got[2].id)) as resumed:
+            assert sorted(e.data for e in resumed.events(count=4, timeout=10)) == after
+        replayed = scrape(app)
+    finally:
+        factory.close()
+    assert metrics["sse_events_published_total"] == 7
+    assert metrics["sse_deliveries_total"] == 7 + 3
+    assert 0 < metrics["sse_delivery_lag_seconds_sum"] < 5
+    assert metrics['sse_delivery_lag_seconds_bucket{le="+Inf"}'] == 2
+    assert replayed["sse_replayed_events_total"] == 4
+    assert replayed['sse_resets_total{reason="unknown"}'] == 0

@@ -192,3 +192,59 @@ def test_shards_spread_over_the_primaries_and_resume_across_workers(
     assert wait_for(lambda: sub.reason is EndReason.REVOKED, 5)
     buses[0].unsubscribe(sub)
     assert set(receiver._lanes) == {buses[0].key}
+
+
+def test_cluster_failover_of_one_shard_with_wait(
+    cluster: Callable[[], ClusterSet], apps: Apps
+) -> None:
+    """SSE_REDIS_SHARDS = 3 over the cluster's primaries, SSE_REDIS_WAIT_REPLICAS = 1: the
+    primary of one shard's slot dies while events go to a channel in each shard. Streams
+    stay open, publishing fails only during the switch (and only to that shard), every
+    receiver's lane goes on from its last entry, and clients resuming from their vector
+    ids, on any worker, lose nothing that was acknowledged."""
+    deployment = cluster()
+    config = {
+        "SSE_REDIS_SHARDS": 3,
+        "SSE_REDIS_KEY": "sse:fo",
+        "SSE_REDIS_WAIT_REPLICAS": 1,
+        "SSE_REDIS_WAIT_TIMEOUT": 0.2,
+    }
+    workers = [apps(deployment.url, **config) for _ in range(3)]
+    channels = [
+        next(f"c{i}" for i in range(100) if zlib.crc32(f"c{i}".encode()) % 3 == shard)
+        for shard in range(3)
+    ]
+    scenario = Failover(workers, channels=channels)
+    scenario.open()
+    key = bus_of(workers[0]).shards.keys[1]
+    old = deployment.owner(key)
+    assert old is not None
+    try:
+        scenario.run(
+            kill=old.kill,
+            switched=lambda: deployment.switched(key, old),
+            block=block_replication(old.port),
+            then=old.start,  # back as the new primary's replica, so WAIT 1 can succeed
+        )
+    finally:
+        scenario.close()
+    publisher = scenario.publisher
+    failed = [(t - scenario.killed_at, n) for t, n in publisher.failed_numbers]
+    after = [(t, n) for t, n in failed if t >= 0]
+    back = min(
+        t - scenario.killed_at
+        for t, event_id in publisher.acked
+        if publisher.numbers[event_id] % 3 == 1 and t > scenario.killed_at + after[-1][0]
+    )
+    others = [t for t, n in after if n % 3 != 1]
+    print(
+        f"\ncluster, 3 shards, WAIT 1: {scenario.figures()}; publish errors after the kill: "
+        f"{len(after)}, from {after[0][0]:.2f} s to {after[-1][0]:.2f} s; in the other "
+        f"shards {len(others)}"
+        + (f", from {others[0]:.2f} s to {others[-1]:.2f} s" if others else "")
+        + f"; shard 1 acknowledged again at {back:.2f} s"
+    )
+    assert scenario.lost() == []
+    # The failed node must come back as a replica before WAIT 1 succeeds again.
+    assert scenario.errors_after_switch(grace=2.0) == []
+    scenario.check_shards(keepalives=False)

@@ -5,6 +5,7 @@ while events are published and streams are open, without and with ``WAIT``."""
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +27,12 @@ from flask_sse_push.bus.redis_connect import Target
 from flask_sse_push.testing import EventReader
 
 pytestmark = pytest.mark.redis
+
+#: A channel in each of three shards.
+SHARD_CHANNELS = [
+    next(f"c{i}" for i in range(100) if zlib.crc32(f"c{i}".encode()) % 3 == shard)
+    for shard in range(3)
+]
 
 
 @pytest.fixture
@@ -194,3 +201,33 @@ def test_publish_error_names_the_sentinel_service(apps: Apps) -> None:
     app = apps("redis+sentinel://127.0.0.1:9/nowhere/0")
     with app.app_context(), pytest.raises(PublishError, match="Sentinel calls 'nowhere'"):
         send_event("x", channel="a")
+
+
+def test_failover_with_shards_and_wait_loses_nothing(
+    sentinels: Callable[[int], SentinelSet], apps: Apps
+) -> None:
+    """SSE_REDIS_SHARDS = 3 and SSE_REDIS_WAIT_REPLICAS = 1, events published to a channel
+    in each shard: the primary dies, streams stay open, publishing fails only during the
+    switch, every receiver goes on in every shard from its last entry, and clients
+    resuming from their vector ids, on any worker, lose nothing that was acknowledged."""
+    deployment = sentinels(2)
+    config = {"SSE_REDIS_SHARDS": 3, "SSE_REDIS_WAIT_REPLICAS": 1, "SSE_REDIS_WAIT_TIMEOUT": 0.2}
+    workers = [apps(deployment.url, **config) for _ in range(3)]
+    scenario = Failover(workers, channels=SHARD_CHANNELS)
+    scenario.open()
+    old = deployment.primary
+    try:
+        scenario.run(
+            kill=old.kill,
+            switched=lambda: deployment.primary_port() not in (None, old.port),
+            block=block_replication(old.port),
+        )
+        deployment.wait_failover(old.port)
+    finally:
+        scenario.close()
+    _report("sentinel, 3 shards, WAIT 1", scenario)
+    assert scenario.lost() == []
+    unconfirmed = [m for t, m in scenario.publisher.failed if t < scenario.killed_at]
+    assert unconfirmed and all("may or may not survive" in m for m in unconfirmed)
+    assert scenario.errors_after_switch(grace=1.0) == []
+    scenario.check_shards()

@@ -469,3 +469,107 @@ def test_wait_for_a_replica_with_shards(redis_server: RedisFactory) -> None:
             publish(bus, C2, "unconfirmed")
     finally:
         bus.close()
+
+
+def test_a_new_shard_learnt_late_loses_nothing_published_after_subscribing(
+    redis_server: RedisFactory,
+) -> None:
+    """Redis is down when a subscription needs a shard the receiver does not read yet: the
+    shard's position is learnt once Redis is back, yet an event published after the
+    subscription, before the receiver learnt the position, is delivered."""
+    redis = redis_server()
+    config = {**DEFAULTS, "SSE_KEEPALIVE": 0, "SSE_REDIS_SHARDS": SHARDS}
+    bus = create_bus(redis.url, Settings.from_mapping(config), "late")
+    assert isinstance(bus, RedisBus)
+    try:
+        first = Subscription([C0], 8)
+        resume(bus, first, None)
+        publish(bus, C1, "before")
+        redis.stop()
+        time.sleep(1.5)  # the receiver now retries every second or so
+        sub = Subscription([C1], 8)
+        resume(bus, sub, None)  # the shard's position could not be read
+        redis.start()
+        publish(bus, C1, "after")  # within milliseconds, before the receiver is back
+        assert bus.receiver.lasts[bus.shards.keys[1]] is None, "the test came too late"
+        publish(bus, C1, "later")
+        assert [d for _i, d in take(sub, 2, timeout=5)] == ["after", "later"]
+        bus.unsubscribe(first)
+        bus.unsubscribe(sub)
+    finally:
+        bus.close()
+
+
+def test_ids_answered_after_one_shard_was_deleted_resume_without_a_reset(
+    make_bus: Callable[..., RedisBus],
+) -> None:
+    """One shard's stream alone is deleted: the ids send_event answers afterwards place
+    the event before that shard's next stream, so resuming from them needs no reset."""
+    bus = make_bus()
+    publish(bus, C1, "old stream")
+    bus.client.delete(bus.shards.keys[1])
+    event_id = publish(bus, C0, "after the delete")
+    vector = bus.shards.parse(event_id)
+    assert vector is not None and vector[1] == (0, 0), event_id
+    sub = Subscription([C0, C1], 8)
+    result = resume(bus, sub, event_id)
+    assert result.reset is None and result.replay == []
+    publish(bus, C1, "new stream")
+    assert [d for _i, d in take(sub, 1)] == ["new stream"]
+    bus.unsubscribe(sub)
+
+
+def test_an_idle_receiver_of_64_shards_costs_redis_little(shared_redis: RedisServer) -> None:
+    """A receiver reading 64 idle shards and the control stream: each idle read (one a
+    second) checks the position of a few of its streams in turn, not of every one."""
+    shared_redis.client().flushdb()
+    config = {**DEFAULTS, "SSE_KEEPALIVE": 0, "SSE_REDIS_SHARDS": 64}
+    bus = create_bus(shared_redis.url, Settings.from_mapping(config), "idle")
+    assert isinstance(bus, RedisBus)
+    admin = shared_redis.client()
+
+    def scripts() -> tuple[int, int]:
+        stats = admin.info("commandstats").get("cmdstat_evalsha", {"calls": 0, "usec": 0})
+        return int(stats["calls"]), int(stats["usec"])
+
+    try:
+        names = {bus.shards.shard_of(f"c{i}"): f"c{i}" for i in range(2000)}
+        assert len(names) == 64
+        sub = Subscription(list(names.values()), 8)
+        resume(bus, sub, None)
+        assert wait_for(lambda: len(bus.receiver.reading) == 65, 5)
+        time.sleep(1.5)
+        calls, usec = scripts()
+        time.sleep(4)
+        calls, usec = (now - before for now, before in zip(scripts(), (calls, usec), strict=True))
+        print(f"\nidle, 64 shards: {calls / 4:.1f} scripts/s, {usec / 4:.0f} µs/s of Redis")
+        assert calls / 4 <= 6
+        bus.unsubscribe(sub)
+    finally:
+        bus.close()
+
+
+def test_the_first_stream_of_one_stream_bus_while_redis_is_down_loses_nothing(
+    redis_server: RedisFactory,
+) -> None:
+    """With one stream (SSE_REDIS_SHARDS = 1) the same holds for the first subscription of
+    a process, which starts the receiver: Redis is down, so the stream's position is learnt
+    later, yet what is published after the subscription is delivered."""
+    redis = redis_server()
+    config = {**DEFAULTS, "SSE_KEEPALIVE": 0}
+    bus = create_bus(redis.url, Settings.from_mapping(config), "late")
+    assert isinstance(bus, RedisBus)
+    try:
+        publish(bus, C1, "before")
+        redis.stop()
+        sub = Subscription([C1], 8)
+        bus.subscribe(sub, None)  # the receiver starts; the position could not be read
+        time.sleep(1.5)  # the receiver now retries every second or so
+        redis.start()
+        publish(bus, C1, "after")  # within milliseconds, before the receiver is back
+        assert bus.receiver.last is None, "the test came too late"
+        publish(bus, C1, "later")
+        assert [d for _i, d in take(sub, 2, timeout=5)] == ["after", "later"]
+        bus.unsubscribe(sub)
+    finally:
+        bus.close()

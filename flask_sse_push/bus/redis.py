@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -316,19 +317,21 @@ class RedisBus(Bus):
 
     def _read_shards(self, sub: Subscription) -> list[str]:
         """Have the receiver read the shards *sub* needs, each from its newest entry now
-        (so an event published once :meth:`subscribe` returned is delivered); return the
-        keys it did not read yet."""
+        (so an event published once :meth:`subscribe` returned is delivered; when Redis
+        does not answer, from the newest entry added before now, learnt once it does);
+        return the keys it did not read yet."""
         receiver = self.receiver
         needs = self.shards.needed(sub.channels)
         keys = [self.shards.keys[shard] for shard in sorted(needs)]
         infos: dict[str, Any] = {}
+        moment = time.time()
         for key in keys:
             if key not in receiver.lasts:
                 with contextlib.suppress(*self.errors):  # else learnt once connected
                     infos[key] = self.history_of(key).info()
         with receiver.lock:
             self._needs[sub] = needs
-            return [key for key in keys if receiver.read(key, infos.get(key))]
+            return [key for key in keys if receiver.read(key, infos.get(key), moment)]
 
     def unsubscribe(self, sub: Subscription) -> None:
         fanout = self.fanout

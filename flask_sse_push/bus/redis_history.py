@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -73,7 +74,8 @@ return {facts['length'], facts['entries-added'], facts['last-generated-id'], fir
 #: after a failover has the epoch it had before, a stream made again has another. With a
 #: hash of the shards' newest ids (``KEYS[5]``) and the keys of every shard after it, it
 #: records the new id there and answers the newest id of each shard, as one string (spaces
-#: between): the event's place in them all.
+#: between): the event's place in them all. A shard whose stream is gone (deleted alone)
+#: counts as ``0-0``, before its next stream, whatever the hash still holds for it.
 _ADD = """
 local fresh = redis.call('EXISTS', KEYS[1]) == 0
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
@@ -89,8 +91,17 @@ end
 if #KEYS > 4 then
   redis.call('HSET', KEYS[5], KEYS[1], id)
   local heads = redis.call('HMGET', KEYS[5], unpack(KEYS, 6))
+  local known = {}
   for i = 1, #heads do
-    heads[i] = heads[i] or '0-0'
+    if heads[i] then
+      known[#known + 1] = KEYS[5 + i]
+    end
+  end
+  local stale = #known > 0 and redis.call('EXISTS', unpack(known)) < #known
+  for i = 1, #heads do
+    if not heads[i] or (stale and redis.call('EXISTS', KEYS[5 + i]) == 0) then
+      heads[i] = '0-0'
+    end
   end
   return table.concat(heads, ' ')
 end
@@ -253,12 +264,36 @@ class History:
             raise Unconfirmed(text(entry), int(confirmed))
         return text(entry)
 
-    def _node(self) -> redis.Redis:
-        """The client of the server holding the stream (in a cluster, its slot's primary)."""
+    def _node(self, client: redis.Redis | None = None) -> redis.Redis:
+        """The client of the server holding the stream (in a cluster, its slot's primary),
+        out of *client* (default: the bus's client)."""
+        client = client or self.client
         if not self.cluster:
-            return self.client
-        client: Any = self.client
-        return cast("redis.Redis", client.get_redis_connection(client.get_node_from_key(self.key)))
+            return client
+        nodes: Any = client
+        return cast("redis.Redis", nodes.get_redis_connection(nodes.get_node_from_key(self.key)))
+
+    def position_at(self, moment: float, client: redis.Redis | None = None) -> tuple[int, int]:
+        """The position of the newest entry added before *moment* (a ``time.time()`` of
+        this host), ``0-0`` when there is none: every entry added after *moment* comes
+        after it. Read with *client* (default: the bus's client).
+
+        Entry ids start with the server's clock in milliseconds, which may differ from
+        this host's: the offset is read with ``TIME``, and its uncertainty (half the round
+        trip) and a millisecond of rounding are taken off *moment*, so that an entry added
+        a little before *moment* may come after the position, one added after it never
+        before. The ``redis`` client's errors go through.
+        """
+        node = self._node(client)
+        sent = time.time()
+        seconds, micros = node.time()
+        answered = time.time()
+        offset = seconds + micros / 1e6 - (sent + answered) / 2
+        cutoff = int((moment + offset - (answered - sent) / 2) * 1000) - 1
+        newest = cast(
+            Entries, node.xrevrange(self.key, max=f"{cutoff}-{MAX_ID_PART}", min="-", count=1)
+        )
+        return stream_position(text(newest[0][0])) or (0, 0) if newest else (0, 0)
 
     def info(self, client: redis.Redis | None = None, own_id: str = "") -> StreamInfo:
         """The stream's :class:`StreamInfo` (with *own_id* looked up in the index), read with

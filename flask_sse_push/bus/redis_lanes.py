@@ -35,6 +35,16 @@ class Lane:
         self.stopped = False
         #: The last error Redis answered with, logged once until things work again.
         self.refused: str | None = None
+        self._turn = 0
+
+    def take_turns(self, keys: list[str], most: int) -> list[str]:
+        """*most* of *keys* at a time, the next ones at the next call (all of them when
+        there are no more)."""
+        if len(keys) <= most:
+            return keys
+        start = self._turn % len(keys)
+        self._turn = start + most
+        return (keys + keys)[start : start + most]
 
     def streams(self, lasts: dict[str, str | None]) -> dict[str, str]:
         """What its next ``XREAD`` asks for, out of the receiver's positions *lasts*."""

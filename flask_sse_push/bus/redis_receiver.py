@@ -14,7 +14,6 @@ newest entry: the stream keeps its epoch, which a stream made again does not.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -42,6 +41,9 @@ log = logging.getLogger("flask_sse_push")
 BATCH = 500
 #: Longest wait of one ``XREAD BLOCK``, in milliseconds.
 BLOCK_MS = 1000
+#: Streams whose position one idle read checks at most; with more, they take turns (64
+#: idle shards each cost a script a second otherwise).
+IDLE_CHECKS = 4
 _BACKOFF_CAP = 2.0
 
 
@@ -67,6 +69,10 @@ class Receiver:
         self.lasts: dict[str, str | None] = {self.key: None}
         #: Per stream key read: its epoch (see :class:`~.redis_history.StreamInfo`).
         self.epochs: dict[str, str | None] = {self.key: None}
+        #: Per stream key whose position is not known yet: the moment (``time.time()``)
+        #: from which its entries must be delivered, when it was read before it could be
+        #: learnt (Redis did not answer).
+        self.since: dict[str, float] = {}
         #: Subscriptions waiting for the receiver to pass their resume point.
         self.waiting: dict[Any, tuple[int, int]] = {}
         self.stopped = False
@@ -81,8 +87,11 @@ class Receiver:
         after the first subscription is delivered live), then run in the background."""
         bus = self._bus()
         if bus is not None:
-            with contextlib.suppress(*self._errors):  # else learnt once connected
+            moment = time.time()
+            try:
                 self.learn_position(bus.client)
+            except self._errors:  # learnt once connected, from this moment on
+                self.since.setdefault(self.key, moment)
         self._spawn(self.key if self._per_key else None)
 
     def _spawn(self, key: str | None) -> None:
@@ -127,27 +136,37 @@ class Receiver:
 
     def learn_position(self, client: redis.Redis, key: str | None = None) -> None:
         """Start after the newest entry of stream *key* (default: the first), unless a
-        position is known already."""
+        position is known already; when it was to be read since an earlier moment (see
+        :attr:`since`), after the newest entry added before that moment."""
         key = key or self.key
         if self.lasts.get(key) is not None:
             return
         bus = self._bus()
         if bus is None:
             return
-        info = bus.history_of(key).info(client)
+        history = bus.history_of(key)
+        info = history.info(client)
+        position = info.last_generated
+        since = self.since.get(key)
+        if since is not None:
+            position = min(position, history.position_at(since, client))
         with self.lock:
             if key in self.lasts and self.lasts[key] is None:
-                self.lasts[key] = entry_id(info.last_generated)
+                self.lasts[key] = entry_id(position)
                 self.epochs[key] = info.epoch
+                self.since.pop(key, None)
 
-    def read(self, key: str, info: Any) -> bool:
+    def read(self, key: str, info: Any, since: float = 0.0) -> bool:
         """Start reading stream *key* after the newest entry *info* (a
-        :class:`~.redis_history.StreamInfo`, or ``None`` to learn it once connected) tells
-        of; return whether it was not read yet. Callers hold the lock."""
+        :class:`~.redis_history.StreamInfo`) tells of, or, when *info* is ``None`` (Redis
+        did not answer), after the newest entry added before the moment *since* (learnt
+        once connected); return whether it was not read yet. Callers hold the lock."""
         if key in self.lasts:
             return False
         self.lasts[key] = entry_id(info.last_generated) if info is not None else None
         self.epochs[key] = info.epoch if info is not None else None
+        if info is None:
+            self.since[key] = since or time.time()
         if self._per_key and not self.stopped:
             self._spawn(key)
         return True
@@ -156,6 +175,7 @@ class Receiver:
         """Stop reading stream *key*. Callers hold the lock."""
         self.lasts.pop(key, None)
         self.epochs.pop(key, None)
+        self.since.pop(key, None)
         lane = self._lanes.pop(key, None) if self._per_key else None
         if lane is not None:
             lane.stopped = True
@@ -261,7 +281,7 @@ class Receiver:
         if not streams:
             # Nothing new for a while: was a stream deleted, or made again with ids below
             # this receiver's position (which it would wait for forever)?
-            for key in wanted:
+            for key in lane.take_turns(sorted(wanted), IDLE_CHECKS):
                 self._check_position(bus, reader, key)
         for raw_key, entries in streams or ():
             key = text(raw_key)

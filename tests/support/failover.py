@@ -50,7 +50,7 @@ def assert_in_order(
 ) -> None:
     """*ids* are stream ids, each once, in order; else say where (and when) they were not."""
     for n, (before, after) in enumerate(itertools.pairwise(ids)):
-        if position(before) >= position(after):
+        if position(before) >= position(after):  # one stream's ids only
             when = f" at {received[n + 1][0] - since:.2f} s" if received else ""
             raise AssertionError(f"{after} came after {before}{when}: {ids[max(0, n - 3) : n + 4]}")
 
@@ -61,23 +61,33 @@ def bus_of(app: Flask) -> RedisBus:
     return bus
 
 
-def open_stream(app: Flask, last_event_id: str | None = None) -> EventReader:
+def open_stream(
+    app: Flask, last_event_id: str | None = None, channels: Sequence[str] = ("a",)
+) -> EventReader:
     headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
-    response = app.test_client().get("/stream?channel=a", headers=headers, buffered=False)
+    query = "&".join(f"channel={channel}" for channel in channels)
+    response = app.test_client().get(f"/stream?{query}", headers=headers, buffered=False)
     return EventReader(response)
 
 
 class Publisher:
-    """Publishes ``0, 1, 2...`` to channel ``a`` through *apps* in turn, every *interval*
-    seconds, in a thread, until :meth:`stop` (or 20,000 events)."""
+    """Publishes ``0, 1, 2...`` to *channels* in turn (``a`` by default) through *apps* in
+    turn, every *interval* seconds, in a thread, until :meth:`stop` (or 20,000 events)."""
 
-    def __init__(self, apps: Sequence[Flask], interval: float) -> None:
+    def __init__(
+        self, apps: Sequence[Flask], interval: float, channels: Sequence[str] = ("a",)
+    ) -> None:
         self.apps = apps
         self.interval = interval
+        self.channels = channels
         #: ``(time, id)`` of each publish that returned.
         self.acked: list[tuple[float, str]] = []
+        #: The number published, by id, of each publish that returned.
+        self.numbers: dict[str, int] = {}
         #: ``(time, message)`` of each publish that raised.
         self.failed: list[tuple[float, str]] = []
+        #: ``(time, number)`` of each publish that raised.
+        self.failed_numbers: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -91,10 +101,12 @@ class Publisher:
             app = self.apps[n % len(self.apps)]
             try:
                 with app.app_context():
-                    event_id = send_event(n, channel="a")
+                    event_id = send_event(n, channel=self.channels[n % len(self.channels)])
+                self.numbers[event_id] = n
                 self.acked.append((time.monotonic(), event_id))
             except PublishError as exc:
                 self.failed.append((time.monotonic(), str(exc)))
+                self.failed_numbers.append((time.monotonic(), n))
             self._stop.wait(self.interval)
 
     def stop(self) -> None:
@@ -114,10 +126,14 @@ class Watcher:
     reader: EventReader
     received: list[tuple[float, str]] = field(default_factory=list)
     comments: list[tuple[float, int]] = field(default_factory=list)
+    #: The data of every event, in the order received.
+    data: list[str] = field(default_factory=list)
 
     def poll(self) -> None:
         now = time.monotonic()
-        self.received += [(now, e.id) for e in self.reader.events(timeout=0.01)]
+        events = self.reader.events(timeout=0.01)
+        self.received += [(now, e.id) for e in events]
+        self.data += [e.data for e in events]
         self.comments.append((now, len(self.reader.parser.comments)))
 
     @property
@@ -131,6 +147,14 @@ class Watcher:
 
     def got_at(self, event_id: str) -> float | None:
         return next((t for t, got in self.received if got == event_id), None)
+
+    def got_number_at(self, number: int) -> float | None:
+        """When the event of data *number* arrived (ids differ from send_event's with
+        shards)."""
+        at = [
+            t for (t, _), data in zip(self.received, self.data, strict=True) if data == str(number)
+        ]
+        return at[0] if at else None
 
 
 def resume(app: Flask, last_event_id: str, until: str, timeout: float = 20) -> list[str]:
@@ -151,18 +175,23 @@ class Failover:
 
     :param apps: the apps, one stream open on each.
     :param interval: seconds between two publishes.
+    :param channels: the channels published to in turn, all of which each stream follows
+        (with ``SSE_REDIS_SHARDS``, see :meth:`check_shards`).
     """
 
-    def __init__(self, apps: Sequence[Flask], interval: float = 0.02) -> None:
+    def __init__(
+        self, apps: Sequence[Flask], interval: float = 0.02, channels: Sequence[str] = ("a",)
+    ) -> None:
         self.apps = apps
-        self.publisher = Publisher(apps, interval)
+        self.channels = channels
+        self.publisher = Publisher(apps, interval, channels)
         self.watchers: list[Watcher] = []
         self.killed_at = 0.0
         self.switched_at = 0.0
         self.blocked_at: float | None = None
 
     def open(self) -> None:
-        self.watchers = [Watcher(open_stream(app)) for app in self.apps]
+        self.watchers = [Watcher(open_stream(app, None, self.channels)) for app in self.apps]
         buses = [bus_of(app) for app in self.apps]
         ready = self._until(lambda: all(b.connected and b.stream_count() == 1 for b in buses), 15)
         assert ready, "the receivers did not connect"
@@ -213,16 +242,26 @@ class Failover:
             assert went_on, f"publishing did not go on: {publisher.failed[-3:]}"
         finally:
             publisher.stop()
-        newest = publisher.acked[-1][1]
-        caught_up = self._until(lambda: all(newest in w.ids for w in self.watchers), 30)
+        # The newest event of each channel (with shards, each is read on its own, and a
+        # stream's ids are not send_event's).
+        count = len(self.channels)
+        numbers = sorted(publisher.numbers.values())
+        newest = {str(n) for n in numbers if n >= numbers[-1] - count + 1}
+        caught_up = self._until(lambda: all(newest <= set(w.data) for w in self.watchers), 30)
         assert caught_up, "the streams did not receive the newest event"
 
     # -- what happened ---------------------------------------------------------------------
 
     def stored(self) -> set[str]:
-        """The ids the stream in Redis holds now."""
+        """The ids the stream in Redis holds now (with shards, the ids send_event answered
+        for the numbers the shards hold)."""
         bus = bus_of(self.apps[0])
-        return {entry.decode() for entry, _ in bus._client.xrange(bus.key)}
+        if bus.shards.count == 1:
+            return {entry.decode() for entry, _ in bus._client.xrange(bus.key)}
+        held = set()
+        for key in bus.shards.keys:
+            held |= {int(fields[b"b"].split(b"data: ")[1]) for _, fields in bus._client.xrange(key)}
+        return {event_id for event_id, n in self.publisher.numbers.items() if n in held}
 
     def lost(self) -> list[str]:
         """Acknowledged ids Redis no longer holds."""
@@ -251,7 +290,8 @@ class Failover:
         errors = self.switch_errors()
         first_ack = self.back_at()
         first_after = self.publisher.acked_after(first_ack - 1e-9)[0]
-        delivered = [w.got_at(first_after) for w in self.watchers]
+        number = self.publisher.numbers[first_after]
+        delivered = [w.got_number_at(number) for w in self.watchers]
         lost = set(self.lost())
         lost_at = [t - self.killed_at for t, i in self.publisher.acked if i in lost]
         return {
@@ -297,3 +337,62 @@ class Failover:
             ids = resume(app, since, wanted[-1])
             assert_in_order(ids)
             assert [i for i in ids if i in set(wanted)] == wanted
+
+    def check_shards(self, *, keepalives: bool = True) -> None:
+        """With shards (where a stream's ids are vectors, not send_event's): every stream is
+        open and received every acknowledged event Redis still holds once, in order within
+        each channel (and keep-alives during the outage, when *keepalives*: not when only
+        one shard was down); a client resuming from the id of any of its events received
+        before the kill, on any app, gets exactly what that stream received after it."""
+        numbers = self.publisher.numbers
+        kept = {numbers[event_id] for event_id in self.stored()}
+        for watcher in self.watchers:
+            assert not watcher.reader.ended
+            got = [int(data) for data in watcher.data]
+            assert len(got) == len(set(got)), "a stream received an event twice"
+            for channel in range(len(self.channels)):
+                mine = [n for n in got if n % len(self.channels) == channel]
+                assert mine == sorted(mine), f"out of order in channel {channel}"
+            missing = sorted(kept - set(got))
+            # Each missed number, with when it was acknowledged (seconds from the kill).
+            when = {
+                n: round(t - self.killed_at, 2)
+                for t, event_id in self.publisher.acked
+                if (n := numbers[event_id]) in missing
+            }
+            switched = round(self.switched_at - self.killed_at, 2)
+            assert missing == [], f"a stream missed {when}; new primary at {switched}"
+        if keepalives:
+            assert self.figures()["keep-alives per stream during the outage"] >= 1
+        watcher = self.watchers[0]
+        before = [i for i, (t, _) in enumerate(watcher.received) if t < self.killed_at]
+        for index in (before[len(before) // 2], before[-1]):
+            since = watcher.received[index][1]
+            # What it received after that event, but for the unacknowledged events that
+            # the failover lost (sent while replication was cut).
+            after = [int(data) for data in watcher.data[index + 1 :]]
+            wanted = [n for n in after if n in kept]
+            for app in self.apps:
+                got = resume_data(app, since, self.channels, set(wanted))
+                assert len(got) == len(set(got)), "a resume repeated an event"
+                missing = sorted(set(wanted) - set(got))
+                assert missing == [], f"a resume missed {len(missing)} events: {missing[:5]}"
+                assert set(got) <= set(after), "a resume repeated what came before its id"
+                for channel in range(len(self.channels)):
+                    mine = [n for n in got if n % len(self.channels) == channel]
+                    assert mine == sorted(mine), f"a resume is out of order in {channel}"
+
+
+def resume_data(
+    app: Flask, last_event_id: str, channels: Sequence[str], until: set[int], timeout: float = 20
+) -> list[int]:
+    """Open a stream of *channels* resuming after *last_event_id* and read until every
+    number of *until* arrived (or it ends, or *timeout*); return the numbers received."""
+    got: list[int] = []
+    deadline = time.monotonic() + timeout
+    with open_stream(app, last_event_id, channels) as reader:
+        for _ in range(10_000):
+            got += [int(e.data) for e in reader.events(timeout=0.2) if e.type == "message"]
+            if until <= set(got) or reader.ended or time.monotonic() > deadline:
+                break
+    return got
