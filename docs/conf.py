@@ -66,6 +66,7 @@ nitpick_ignore = [
     ("py:class", "asyncio.events.AbstractEventLoop"),
     ("py:class", "enum.StrEnum"),
     ("py:class", "socket.socket"),
+    ("py:class", "types.FrameType"),
     # redis-py, an optional extra
     ("py:class", "redis.Redis"),
     # prometheus_client, an optional extra, imported by flask_sse_push.metrics only under
