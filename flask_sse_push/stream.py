@@ -188,7 +188,7 @@ class StreamBody:
                 return
             if self._direct is not None:
                 # The frame asking for the next bytes is whatever iterates this body.
-                send = direct.writer(self._direct, sys._getframe().f_back)
+                send = direct.writer(self._direct, sys._getframe().f_back, self)
                 if send is not None:
                     box.write_directly(send)
             while True:

@@ -1,0 +1,71 @@
+"""Attacks on the direct writes (``flask_sse_push.direct``), against real gunicorn processes.
+
+Writing past the server is only safe when the bytes on the wire are exactly the ones it
+would have written. These tests try to make them differ: middleware that rewrites the body,
+writes that fail half-way through a chunk, a sampled event cut short, and a randomized
+schedule of sizes, pauses and resets whose every byte is decoded strictly.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from support.app import publish, serve, stats
+from support.gunicorn import GunicornFactory
+from support.http import raw_sse
+from support.procs import wait_for
+
+
+def _direct(url: str, count: int) -> bool:
+    return stats(url)["direct"] == count
+
+
+def _stalled_stream(port: int, path: str, rcvbuf: int = 4096) -> tuple[socket.socket, bytes]:
+    """A stream whose client has a small receive buffer and reads nothing until told;
+    returns the socket and what came after the response head so far."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    received = b""
+    while b"retry:" not in received:
+        data = sock.recv(65536)
+        assert data, received
+        received += data
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head, head
+    return sock, body
+
+
+def _read_until_eof(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    received = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(1 << 20)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not data:
+            break
+        received += data
+    return received
+
+
+def test_a_middleware_that_maps_the_body_keeps_the_ordinary_path(
+    gunicorn: GunicornFactory,
+) -> None:
+    """``map(rewrite, body)`` iterates the body from C: the body's caller is still gunicorn's
+    request handler, but what it writes is the middleware's output, not the body's."""
+    server = serve(gunicorn, env={"TEST_WRAP_BODY": "map"})
+    with raw_sse(server.url, "/stream?channel=m") as response:
+        response.read_body_until(lambda body: b"retry:" in body, 5)
+        assert wait_for(lambda: stats(server.url)["streams"] == 1, 5)
+        time.sleep(0.2)
+        assert stats(server.url)["direct"] == 0
+        publish(server.url, "a secret", channel="m")
+        body = response.read_body_until(lambda body: b"\n\n" in body.split(b"\n", 1)[1], 5)
+    assert b"data: a XXXXXX\n" in body, body
+    assert b"secret" not in body
