@@ -194,8 +194,8 @@ class StreamBody:
             while True:
                 data = box.take(self._timeout())
                 wrote = bool(box.rest)
-                if wrote and not self._write_rest():
-                    return
+                if wrote:
+                    self._write_rest()
                 if data:
                     sent = box.sent  # 0.0 unless a sampled event is among them (metrics)
                     if sent:
@@ -212,17 +212,17 @@ class StreamBody:
         finally:
             self._finish()
 
-    def _write_rest(self) -> bool:
-        """Write what a direct write left of a chunk, as is (it is framed already); return
-        ``False`` when the connection failed."""
+    def _write_rest(self) -> None:
+        """Write what a direct write left of a chunk, as is (it is framed already). A failed
+        write raises, as the server's own would: the server then drops the connection,
+        where a normal end would write the last chunk after this cut one."""
         rest, self.box.rest = self.box.rest, b""
         try:
             assert self._direct is not None
             self._direct.sendall(rest)
         except OSError:
             self.box.end(EndReason.CLOSED)
-            return False
-        return True
+            raise
 
 
 class BusStream(StreamBody):

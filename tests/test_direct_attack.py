@@ -13,7 +13,7 @@ import time
 
 from support.app import publish, serve, stats
 from support.gunicorn import GunicornFactory
-from support.http import raw_sse
+from support.http import ChunkedDecoder, raw_sse
 from support.procs import wait_for
 
 
@@ -69,3 +69,29 @@ def test_a_middleware_that_maps_the_body_keeps_the_ordinary_path(
         body = response.read_body_until(lambda body: b"\n\n" in body.split(b"\n", 1)[1], 5)
     assert b"data: a XXXXXX\n" in body, body
     assert b"secret" not in body
+
+
+def test_a_rest_that_times_out_cuts_the_connection_like_a_failed_server_write(
+    gunicorn: GunicornFactory,
+) -> None:
+    """A rest written by the stream times out (``SSE_SEND_TIMEOUT``): gunicorn's own write
+    would have raised and dropped the connection. Nothing may follow the cut chunk, above all
+    not the terminal ``0`` chunk, which would end the body in the middle of an event."""
+    server = serve(gunicorn, SSE_SEND_TIMEOUT=1, SSE_KEEPALIVE=0)
+    sock, body = _stalled_stream(server.port, "/stream?channel=t")
+    try:
+        assert wait_for(lambda: _direct(server.url, 1), 5), stats(server.url)
+        payload = "y" * 6_000_000  # more than the kernel's largest send buffer
+        event_id = publish(server.url, payload, channel="t")
+        time.sleep(2.0)  # the rest's write times out after 1 s
+        received = body + _read_until_eof(sock, 8)
+    finally:
+        sock.close()
+    decoder = ChunkedDecoder()
+    decoded = decoder.feed(received)
+    assert decoded.startswith(b"retry: 3000\n")
+    event = decoded[len(b"retry: 3000\n") :]
+    expected = f"id: {event_id}\ndata: {payload}\n\n".encode()
+    assert len(event) < len(expected), "the client stalled, its write timed out"
+    assert expected.startswith(event), f"not a cut event: ...{event[-40:]!r}"
+    assert not decoder.done
