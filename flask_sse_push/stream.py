@@ -194,21 +194,25 @@ class StreamBody:
             while True:
                 data = box.take(self._timeout())
                 wrote = bool(box.rest)
-                if wrote:
-                    self._write_rest()
-                if data:
-                    sent = box.sent  # 0.0 unless a sampled event is among them (metrics)
-                    if sent:
-                        box.sent = 0.0
-                    yield data
-                    if sent and self._lag is not None:
-                        self._lag(time.time() - sent)  # written: the server asks for more
-                elif data is None:
+                if data is None:
+                    if wrote:
+                        self._write_rest()
                     if box.reason is not EndReason.DONE:
                         yield end_comment(str(box.reason))
                     return
+                # 0.0 unless a sampled event is among them (metrics): queued, or the one a
+                # direct write cut short when nothing is queued.
+                sent = box.sent if data or wrote else 0.0
+                if sent:
+                    box.sent = 0.0
+                if wrote:
+                    self._write_rest()
+                if data:
+                    yield data
                 elif self._keepalive and not wrote:
                     yield KEEPALIVE
+                if sent and self._lag is not None:
+                    self._lag(time.time() - sent)  # written: the server asks for more
         finally:
             self._finish()
 

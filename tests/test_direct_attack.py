@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 import time
 
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 from support.app import publish, serve, stats
 from support.gunicorn import GunicornFactory
 from support.http import ChunkedDecoder, raw_sse
@@ -95,3 +97,41 @@ def test_a_rest_that_times_out_cuts_the_connection_like_a_failed_server_write(
     assert len(event) < len(expected), "the client stalled, its write timed out"
     assert expected.startswith(event), f"not a cut event: ...{event[-40:]!r}"
     assert not decoder.done
+
+
+def _lag(url: str) -> tuple[float, float]:
+    """Count and sum of the delivery-lag histogram."""
+    text = requests.get(url + "/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "sse_delivery_lag_seconds":
+            values = {s.name: s.value for s in family.samples}
+            return values["sse_delivery_lag_seconds_count"], values["sse_delivery_lag_seconds_sum"]
+    raise AssertionError(text)
+
+
+def test_a_sampled_event_cut_short_observes_its_own_lag(gunicorn: GunicornFactory) -> None:
+    """The first event is sampled; written directly and cut short, its stream writes the
+    rest. Its lag is that of the rest's write, not the time until the stream next writes
+    queued events, seconds later."""
+    server = serve(gunicorn, SSE_METRICS_PATH="/metrics", SSE_KEEPALIVE=0)
+    sock, _ = _stalled_stream(server.port, "/stream?channel=l")
+    try:
+        assert wait_for(lambda: _direct(server.url, 1), 5), stats(server.url)
+        publish(server.url, "y" * 6_000_000, channel="l")  # sampled, cut short
+        time.sleep(0.3)
+        sock.settimeout(5)
+        got = 0
+        while got < 6_000_000:
+            got += len(sock.recv(1 << 20))
+        time.sleep(3)
+        # Not sampled: the first is cut short, the second queued behind it.
+        publish(server.url, "z" * 6_000_000, channel="l")
+        publish(server.url, "z" * 6_000_000, channel="l")
+        while got < 18_000_000:
+            got += len(sock.recv(1 << 20))
+        assert wait_for(lambda: _direct(server.url, 1), 5), stats(server.url)
+    finally:
+        sock.close()
+    count, total = _lag(server.url)
+    assert count == 1
+    assert total < 2.0, f"a lag of {total:.1f} s observed for an event written in 0.3 s"
