@@ -8,9 +8,11 @@ schedule of sizes, pauses and resets whose every byte is decoded strictly.
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 from support.app import publish, serve, stats
@@ -135,3 +137,111 @@ def test_a_sampled_event_cut_short_observes_its_own_lag(gunicorn: GunicornFactor
     count, total = _lag(server.url)
     assert count == 1
     assert total < 2.0, f"a lag of {total:.1f} s observed for an event written in 0.3 s"
+
+
+BIG = 6_000_000  # more than the kernel's largest send buffer: a direct write is cut short
+
+
+@pytest.mark.parametrize("ending", ["revoked", "lifetime", "slow", "shutdown", "reload"])
+def test_a_stream_that_ends_while_a_rest_is_pending_ends_after_the_whole_chunk(
+    gunicorn: GunicornFactory, ending: str
+) -> None:
+    """Whatever ends the stream while the rest of a cut chunk waits to be written (and
+    keep-alives fall due), the client gets the whole event, then the end comment in a chunk
+    of its own, then the last chunk."""
+    server = serve(
+        gunicorn,
+        SSE_KEEPALIVE=0.05,
+        SSE_QUEUE_SIZE=3,
+        SSE_MAX_LIFETIME=1.5 if ending == "lifetime" else 0,
+    )
+    sock, body = _stalled_stream(server.port, "/stream?channel=e")
+    try:
+        assert wait_for(lambda: _direct(server.url, 1), 5), stats(server.url)
+        event_id = publish(server.url, "y" * BIG, channel="e")
+        if ending == "revoked":
+            requests.post(server.url + "/revoke", params={"channel": "e"}, timeout=5)
+        elif ending == "slow":
+            for i in range(5):
+                publish(server.url, f"small {i}", channel="e")
+        elif ending == "shutdown":
+            server.signal(signal.SIGTERM)
+        elif ending == "reload":
+            server.reload()
+        time.sleep(1.0 if ending != "lifetime" else 2.0)  # keep-alives fall due meanwhile
+        received = body + _read_until_eof(sock, 10)
+    finally:
+        sock.close()
+    decoder = ChunkedDecoder()
+    decoded = decoder.feed(received)
+    assert decoder.done, received[-80:]
+    event = f"id: {event_id}\ndata: {'y' * BIG}\n\n".encode()
+    assert decoded.startswith(b"retry: 3000\n")
+    rest = decoded[len(b"retry: 3000\n") :]
+    while rest.startswith(b":\n"):  # keep-alives written before the event
+        rest = rest[2:]
+    assert rest.startswith(event), rest[:80]
+    rest = rest[len(event) :]
+    assert rest == f": {ending if ending != 'reload' else 'shutdown'}\n".encode(), rest[:200]
+    sizes = decoder.chunk_sizes or []
+    assert sizes[-2:] == [len(rest), 0], sizes[-5:]
+
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "direct", "then"),
+    [
+        (b"GET /stream?channel=p HTTP/1.1\r\nHost: x\r\n\r\n" + HEALTH, 1, b"HTTP/1.1 200"),
+        (b"GET /stream?channel=p HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 1, b""),
+        (b"GET http://x/stream?channel=p HTTP/1.1\r\nHost: x\r\n\r\n", 1, None),
+        (b"GET /stream?channel=p HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n", 1, None),
+        (
+            b"GET /stream?channel=p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n" + HEALTH,
+            1,
+            b"HTTP/1.1 200",
+        ),
+        (b"GET /stream?channel=p HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", 0, b""),
+    ],
+    ids=["pipelined", "connection-close", "absolute-form", "expect", "chunked-request", "1.0"],
+)
+def test_what_the_request_looks_like_changes_nothing_on_the_wire(
+    gunicorn: GunicornFactory, request_bytes: bytes, direct: int, then: bytes | None
+) -> None:
+    """Requests that are odd but valid: the stream is written directly when it is plain
+    chunked HTTP/1.1, and whatever the server writes after the stream (the answer to a
+    pipelined request, or nothing when it closes) comes after the last chunk."""
+    server = serve(gunicorn, SSE_MAX_LIFETIME=2, SSE_KEEPALIVE=0.05)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    try:
+        sock.sendall(request_bytes)
+        assert wait_for(lambda: stats(server.url)["streams"] == 1, 5)
+        time.sleep(0.1)  # the stream waits for events
+        assert stats(server.url)["direct"] == direct
+        ids = [publish(server.url, data, channel="p") for data in ("a", "y" * BIG, "b")]
+        time.sleep(0.3)
+        received = _read_until_eof(sock, 2 if then is None else 10)
+    finally:
+        sock.close()
+    if received.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):
+        received = received[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")), head
+    events = b"".join(
+        f"id: {event_id}\ndata: {data}\n\n".encode()
+        for event_id, data in zip(ids, ("a", "y" * BIG, "b"), strict=True)
+    )
+    if not direct:  # not chunked: the body is the stream's bytes, up to the end
+        assert body.replace(b":\n", b"") == b"retry: 3000\n" + events + b": lifetime\n"
+        return
+    decoder = ChunkedDecoder()
+    decoded = decoder.feed(body)
+    assert decoded.replace(b":\n", b"") == b"retry: 3000\n" + events + b": lifetime\n"
+    assert decoder.done
+    if then is not None:
+        after = body[body.index(b"\r\n: lifetime\n\r\n0\r\n\r\n") + 20 :]
+        assert after.startswith(then), after[:100]
