@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import time
+from pathlib import Path
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-from support.app import publish, serve, stats
+from support.app import APP, CONF, publish, serve, stats
 from support.gunicorn import GunicornFactory
 from support.http import ChunkedDecoder, raw_sse
 from support.procs import wait_for
+from support.tls import self_signed_certificate
 
 
 def _direct(url: str, count: int) -> bool:
@@ -245,3 +248,64 @@ def test_what_the_request_looks_like_changes_nothing_on_the_wire(
     if then is not None:
         after = body[body.index(b"\r\n: lifetime\n\r\n0\r\n\r\n") + 20 :]
         assert after.startswith(then), after[:100]
+
+
+@pytest.mark.parametrize("server_kind", ["tls", "gevent_pywsgi", "gthread", "content-length"])
+def test_servers_that_frame_differently_keep_the_ordinary_path(
+    gunicorn: GunicornFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    server_kind: str,
+) -> None:
+    """TLS, gunicorn's other worker classes, and a response given a length by an
+    ``after_request`` handler: never written directly, and every event arrives."""
+    args: list[str] = []
+    env = {"SSE_STATS": "true"}
+    context: ssl.SSLContext | None = None
+    if server_kind == "tls":
+        cert, key = self_signed_certificate(tmp_path)
+        args = ["--certfile", str(cert), "--keyfile", str(key)]
+        context = ssl.create_default_context(cafile=str(cert))
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    elif server_kind == "content-length":
+        env["TEST_CONTENT_LENGTH"] = "100000"
+    else:
+        args = ["-k", server_kind, "--threads", "8"]
+    started = gunicorn(APP, env=env, args=args, config=CONF)
+    url = started.url.replace("http:", "https:") if context else started.url
+    assert wait_for(lambda: _answers(url), 20), started.log_text()
+    sock: socket.socket = socket.create_connection(("127.0.0.1", started.port), timeout=5)
+    if context is not None:
+        sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+    try:
+        sock.sendall(b"GET /stream?channel=k HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert wait_for(lambda: stats(url)["streams"] == 1, 5)
+        time.sleep(0.1)
+        assert stats(url)["direct"] == 0
+        for i in range(3):
+            publish(url, f"{i}:x", channel="k")
+        received = b""
+        while received.count(b"\n\n") < 3:  # three events
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                raise AssertionError(received) from None
+            assert data, received
+            received += data
+    finally:
+        sock.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    if b"chunked" in head:
+        body = ChunkedDecoder().feed(body)
+    assert [line for line in body.split(b"\n") if line.startswith(b"data:")] == [
+        b"data: 0:x",
+        b"data: 1:x",
+        b"data: 2:x",
+    ]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url + "/health", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False

@@ -173,6 +173,16 @@ def _mapping(wsgi_app: Any) -> Any:
     return middleware
 
 
+if os.environ.get("TEST_CONTENT_LENGTH"):
+
+    @app.after_request
+    def content_length(response: Response) -> Response:
+        """Give streams a length, as a careless ``after_request`` handler might."""
+        if response.mimetype == "text/event-stream":
+            response.headers["Content-Length"] = os.environ["TEST_CONTENT_LENGTH"]
+        return response
+
+
 if os.environ.get("TEST_WRAP_BODY") == "1":
     app.wsgi_app = _passing_through(app.wsgi_app)  # type: ignore[method-assign]
 elif os.environ.get("TEST_WRAP_BODY") == "map":
