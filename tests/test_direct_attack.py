@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import socket
 import ssl
+import struct
 import time
 from pathlib import Path
 
@@ -309,3 +310,20 @@ def _answers(url: str) -> bool:
         return requests.get(url + "/health", timeout=1).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_a_sampled_event_whose_direct_write_fails_observes_no_lag(
+    gunicorn: GunicornFactory,
+) -> None:
+    """The client reset its connection: the direct write of the first (sampled) event fails
+    and ends the stream. The event was never written, so no lag is observed for it."""
+    server = serve(gunicorn, SSE_METRICS_PATH="/metrics", SSE_KEEPALIVE=0)
+    sock, _ = _stalled_stream(server.port, "/stream?channel=r")
+    assert wait_for(lambda: _direct(server.url, 1), 5), stats(server.url)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    time.sleep(0.2)
+    publish(server.url, "never written", channel="r")
+    assert wait_for(lambda: stats(server.url)["streams"] == 0, 5), stats(server.url)
+    assert stats(server.url)["totals"]["closed"] == 1
+    assert _lag(server.url) == (0, 0)
