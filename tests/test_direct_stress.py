@@ -116,9 +116,13 @@ def _events(reader: Reader) -> list[tuple[str, int]]:
     assert is_chunked(headers), head
     decoder = ChunkedDecoder()
     payload = decoder.feed(body)  # raises on any framing error
-    sizes = decoder.chunk_sizes or []
     if reader.reset_after is None:
+        # The last event's chunk is whole (what came after it, keep-alives, may be cut).
+        assert body.count(reader.marker) == 1, body[-200:]
+        decoder = ChunkedDecoder()
+        payload = decoder.feed(body[: body.index(reader.marker) + len(reader.marker)])
         assert decoder._left == 0 and not decoder._crlf and not decoder._partial
+    sizes = decoder.chunk_sizes or []
     # Every chunk holds whole lines; one that holds event lines holds whole events.
     position = 0
     for size in sizes:
