@@ -172,7 +172,11 @@ def test_a_random_schedule_keeps_every_byte_exact(gunicorn: GunicornFactory, bus
     )
     readers = [
         Reader(server.port, random.Random(rng.random()), rcvbuf=rcvbuf)
-        for rcvbuf in (2048, 4096, 16384, 1 << 20)
+        # Not below 4096: with 2048 (4 KB once doubled) and a window scaled by 1024, this
+        # schedule can stall the connection for good in the kernel (the server's send queue
+        # full, the reader's empty, the server probing the window), on the ordinary path as
+        # well as the direct one.
+        for rcvbuf in (4096, 8192, 65536, 1 << 20)
     ]
     readers.append(Reader(server.port, random.Random(rng.random()), rcvbuf=4096, half_close=True))
     readers += [
