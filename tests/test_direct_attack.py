@@ -261,7 +261,7 @@ def test_servers_that_frame_differently_keep_the_ordinary_path(
     """TLS, gunicorn's other worker classes, and a response given a length by an
     ``after_request`` handler: never written directly, and every event arrives."""
     args: list[str] = []
-    env = {"SSE_STATS": "true"}
+    env = {"SSE_STATS": "true", "SSE_KEEPALIVE": "0.2"}  # a gthread worker sees a gone client
     context: ssl.SSLContext | None = None
     if server_kind == "tls":
         cert, key = self_signed_certificate(tmp_path)
