@@ -12,9 +12,10 @@ write, so this is allowed only when everything is known:
 
 - the request is a ``GET`` over HTTP/1.1 served by gunicorn's HTTP parser, on a socket
   without TLS (gunicorn's ``is_ssl`` off, and a plain socket object);
-- the iteration of the stream's body is driven by gunicorn's own request handler (no WSGI
-  middleware in between that could change the body), whose response has sent its headers
-  and frames the body in chunks.
+- the iteration of the stream's body is driven by gunicorn's own request handler, and what
+  it iterates is the body itself (no WSGI middleware in between that could change it, not
+  even one that wraps it in C, as ``map`` does, leaving no frame of its own), and its
+  response has sent its headers and frames the body in chunks.
 
 Anything else (Werkzeug's server, HTTP/2, TLS, the uWSGI protocol, a middleware) keeps the
 ordinary path. The check runs once per stream, when its body starts waiting for events.
@@ -56,14 +57,18 @@ def candidate(environ: Mapping[str, Any]) -> socket.socket | None:
     return sock
 
 
-def writer(sock: socket.socket, caller: FrameType | None) -> Send | None:
+def writer(sock: socket.socket, caller: FrameType | None, body: object) -> Send | None:
     """The direct writer of *sock*, when *caller* (the frame that asked the body for its
-    next bytes) is gunicorn's request handler writing chunks; ``None`` otherwise."""
+    next bytes) is gunicorn's request handler writing *body* itself in chunks; ``None``
+    otherwise."""
     if caller is None or caller.f_code.co_name != "handle_request":
         return None
     if not caller.f_globals.get("__name__", "").startswith("gunicorn.workers."):
         return None
-    response: Any = caller.f_locals.get("resp")
+    local = caller.f_locals
+    if local.get("respiter") is not body:  # a wrapper (map, a middleware) writes its own
+        return None
+    response: Any = local.get("resp")
     from gunicorn.http.wsgi import Response
 
     if type(response) is not Response:  # HTTP/2 and others frame differently

@@ -102,8 +102,8 @@ class Mailbox:
                 return True
             # The socket buffer is full: the reader takes over, and writes first what the
             # kernel did not take.
-            self._send = None
             if sent:
+                self._send = None
                 self.rest = chunk[sent:]
                 self._wake.set()
                 return True
@@ -122,6 +122,8 @@ class Mailbox:
         return True
 
     def _put(self, payload: bytes) -> None:
+        # Nothing is written directly while anything waits in the queue: it would overtake.
+        self._send = None
         items = self._items
         items.append(payload)
         self.active = True

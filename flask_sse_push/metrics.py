@@ -195,6 +195,8 @@ class Metrics:
         sent = message.time or time.time()
         step = -(-count // SAMPLE_STREAMS) or 1  # ceiling division; none left when all slow
         for sub in itertools.islice(subs, 0, None, step):
+            if sub.reason is not None:  # ended, its direct write failed: never written
+                continue
             if sub.direct and not (len(sub) or sub.rest):  # written directly, already
                 self.lag(time.time() - sent)
             elif not sub.sent:  # an earlier sample not yet written keeps its place

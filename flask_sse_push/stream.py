@@ -188,41 +188,45 @@ class StreamBody:
                 return
             if self._direct is not None:
                 # The frame asking for the next bytes is whatever iterates this body.
-                send = direct.writer(self._direct, sys._getframe().f_back)
+                send = direct.writer(self._direct, sys._getframe().f_back, self)
                 if send is not None:
                     box.write_directly(send)
             while True:
                 data = box.take(self._timeout())
                 wrote = bool(box.rest)
-                if wrote and not self._write_rest():
-                    return
-                if data:
-                    sent = box.sent  # 0.0 unless a sampled event is among them (metrics)
-                    if sent:
-                        box.sent = 0.0
-                    yield data
-                    if sent and self._lag is not None:
-                        self._lag(time.time() - sent)  # written: the server asks for more
-                elif data is None:
+                if data is None:
+                    if wrote:
+                        self._write_rest()
                     if box.reason is not EndReason.DONE:
                         yield end_comment(str(box.reason))
                     return
+                # 0.0 unless a sampled event is among them (metrics): queued, or the one a
+                # direct write cut short when nothing is queued.
+                sent = box.sent if data or wrote else 0.0
+                if sent:
+                    box.sent = 0.0
+                if wrote:
+                    self._write_rest()
+                if data:
+                    yield data
                 elif self._keepalive and not wrote:
                     yield KEEPALIVE
+                if sent and self._lag is not None:
+                    self._lag(time.time() - sent)  # written: the server asks for more
         finally:
             self._finish()
 
-    def _write_rest(self) -> bool:
-        """Write what a direct write left of a chunk, as is (it is framed already); return
-        ``False`` when the connection failed."""
+    def _write_rest(self) -> None:
+        """Write what a direct write left of a chunk, as is (it is framed already). A failed
+        write raises, as the server's own would: the server then drops the connection,
+        where a normal end would write the last chunk after this cut one."""
         rest, self.box.rest = self.box.rest, b""
         try:
             assert self._direct is not None
             self._direct.sendall(rest)
         except OSError:
             self.box.end(EndReason.CLOSED)
-            return False
-        return True
+            raise
 
 
 class BusStream(StreamBody):

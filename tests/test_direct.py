@@ -215,3 +215,20 @@ def test_nothing_is_written_directly_unless_the_reader_waits() -> None:
     assert box.push(b"data: 1\n\n", chunk(b"data: 1\n\n"))
     assert written == []
     assert box.take(0) == b"data: 1\n\n"
+
+
+@pytest.mark.parametrize("queue", ["push", "offer"])
+def test_an_event_queued_without_its_chunk_is_not_overtaken_by_a_direct_write(
+    queue: str,
+) -> None:
+    """Anything queued (``push`` without the chunk, as a bus backend may call it, or
+    ``offer``) stops the direct writes until the reader has taken it: the next event must not
+    reach the socket before it."""
+    written: list[bytes] = []
+    box = _box(lambda data: written.append(data) or len(data))
+    reader, taken = _waiting(box)
+    assert getattr(box, queue)(b"data: 1\n\n")
+    assert box.push(b"data: 2\n\n", chunk(b"data: 2\n\n"))
+    reader.join(5)
+    assert written == []
+    assert taken[0] + (box.take(0) or b"") == b"data: 1\n\ndata: 2\n\n"

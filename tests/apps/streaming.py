@@ -10,6 +10,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flask import Flask, jsonify, request
@@ -55,6 +56,33 @@ def publish_many() -> tuple[Response, int]:
     ids = [send_event(f"{i}:" + "x" * size, channel=channel) for i in range(n)]
     elapsed = time.perf_counter() - started
     return jsonify(first=ids[0], last=ids[-1], seconds=elapsed, pid=os.getpid()), 200
+
+
+@app.post("/publish-sizes")
+def publish_sizes() -> tuple[Response, int]:
+    """Publish one event per item of the JSON body's ``sizes`` to ``channel``, the k-th
+    (from ``first``) as ``<k>:<size>:`` and ``size`` times ``x``; ``how``: one after the
+    other (``loop``), from several greenlets at once (``greenlets``) or from the OS threads
+    of gevent's pool (``threads``). Answers the ``[k, id]`` pairs."""
+    body = request.get_json(force=True)
+    first, channel, how = int(body["first"]), body["channel"], body.get("how", "loop")
+
+    def one(k: int, size: int) -> list[Any]:
+        with app.app_context():
+            return [k, send_event(f"{k}:{size}:" + "x" * size, channel=channel)]
+
+    jobs = [(first + n, size) for n, size in enumerate(body["sizes"])]
+    if how == "loop":
+        done = [one(*job) for job in jobs]
+    elif how == "greenlets":
+        with ThreadPoolExecutor(8) as pool:  # greenlets, under gevent's patching
+            done = list(pool.map(lambda job: one(*job), jobs))
+    else:
+        from gevent import get_hub
+
+        threads = get_hub().threadpool
+        done = [result.get() for result in [threads.spawn(one, *job) for job in jobs]]
+    return jsonify(ids=done, pid=os.getpid()), 200
 
 
 @app.post("/revoke")
@@ -132,5 +160,30 @@ def _passing_through(wsgi_app: Any) -> Any:
     return middleware
 
 
+def _mapping(wsgi_app: Any) -> Any:
+    """A WSGI middleware that rewrites every piece of the body with ``map``: the app's body
+    is iterated by C code, with no Python frame of the middleware in between."""
+
+    def hide(piece: bytes) -> bytes:
+        return piece.replace(b"secret", b"XXXXXX")
+
+    def middleware(environ: Any, start_response: Any) -> Any:
+        return map(hide, wsgi_app(environ, start_response))
+
+    return middleware
+
+
+if os.environ.get("TEST_CONTENT_LENGTH"):
+
+    @app.after_request
+    def content_length(response: Response) -> Response:
+        """Give streams a length, as a careless ``after_request`` handler might."""
+        if response.mimetype == "text/event-stream":
+            response.headers["Content-Length"] = os.environ["TEST_CONTENT_LENGTH"]
+        return response
+
+
 if os.environ.get("TEST_WRAP_BODY") == "1":
     app.wsgi_app = _passing_through(app.wsgi_app)  # type: ignore[method-assign]
+elif os.environ.get("TEST_WRAP_BODY") == "map":
+    app.wsgi_app = _mapping(app.wsgi_app)  # type: ignore[method-assign]
