@@ -57,10 +57,11 @@ def candidate(environ: Mapping[str, Any]) -> socket.socket | None:
     return sock
 
 
-def writer(sock: socket.socket, caller: FrameType | None, body: object) -> Send | None:
-    """The direct writer of *sock*, when *caller* (the frame that asked the body for its
-    next bytes) is gunicorn's request handler writing *body* itself in chunks; ``None``
-    otherwise."""
+def writer(sock: socket.socket, caller: FrameType | None, body: object) -> tuple[Send, Any] | None:
+    """The direct writer of *sock* and gunicorn's response object (whose byte count, for
+    the access log, the stream brings up to date at its end), when *caller* (the frame that
+    asked the body for its next bytes) is gunicorn's request handler writing *body* itself
+    in chunks; ``None`` otherwise."""
     if caller is None or caller.f_code.co_name != "handle_request":
         return None
     if not caller.f_globals.get("__name__", "").startswith("gunicorn.workers."):
@@ -79,4 +80,4 @@ def writer(sock: socket.socket, caller: FrameType | None, body: object) -> Send 
     if raw is None or raw.gettimeout() != 0.0:  # must never block the fan-out
         return None
     send: Send = raw.send
-    return send
+    return send, response

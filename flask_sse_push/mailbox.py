@@ -46,6 +46,7 @@ class Mailbox:
         "reason",
         "rest",
         "sent",
+        "written",
     )
 
     def __init__(self, limit: int) -> None:
@@ -67,6 +68,9 @@ class Mailbox:
         #: What a direct write left unsent of a chunk; the reader writes it, as is, before
         #: anything it takes.
         self.rest = b""
+        #: Bytes of the events written directly (their payloads, as the server counts
+        #: what it writes), for the server's access log.
+        self.written = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -99,10 +103,12 @@ class Mailbox:
                 self.end(EndReason.CLOSED)
                 return True
             if sent == len(chunk):
+                self.written += len(payload)
                 return True
             # The socket buffer is full: the reader takes over, and writes first what the
             # kernel did not take.
             if sent:
+                self.written += len(payload)
                 self._send = None
                 self.rest = chunk[sent:]
                 self._wake.set()

@@ -181,6 +181,7 @@ class StreamBody:
 
     def _run(self, head: bytes) -> Generator[bytes, None, None]:
         box = self.box
+        response: Any = None
         try:
             yield head
             if not (yield from self._opening()):
@@ -188,9 +189,10 @@ class StreamBody:
                 return
             if self._direct is not None:
                 # The frame asking for the next bytes is whatever iterates this body.
-                send = direct.writer(self._direct, sys._getframe().f_back, self)
-                if send is not None:
-                    box.write_directly(send)
+                found = direct.writer(self._direct, sys._getframe().f_back, self)
+                if found is not None:
+                    box.write_directly(found[0])
+                    response = found[1]
             while True:
                 data = box.take(self._timeout())
                 wrote = bool(box.rest)
@@ -214,6 +216,8 @@ class StreamBody:
                 if sent and self._lag is not None:
                     self._lag(time.time() - sent)  # written: the server asks for more
         finally:
+            if response is not None:
+                response.sent += box.written  # what the server's access log reports
             self._finish()
 
     def _write_rest(self) -> None:

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import pytest
 import requests
-from support.app import publish, serve, stats
-from support.gunicorn import GunicornFactory
+from support.app import APP, CONF, publish, serve, stats
+from support.gunicorn import GunicornFactory, answering
 from support.http import RawResponse, raw_sse
 from support.procs import wait_for
 
@@ -138,6 +138,33 @@ def test_the_ordinary_path_where_bypassing_the_server_is_unsafe(
         response.close()
     assert _numbers(body) == list(range(5))
     assert response.chunked is wrap
+
+
+def test_the_access_log_counts_the_bytes_written_directly(gunicorn: GunicornFactory) -> None:
+    """gunicorn logs the body bytes it wrote (``%(B)s``); the stream adds those the fan-out
+    wrote past it, so the access log tells the same as without direct writes."""
+    server = answering(
+        gunicorn(
+            APP,
+            config=CONF,
+            args=["--access-logfile", "-", "--access-logformat", "ACCESS %(U)s %(B)s"],
+        ),
+        "/health",
+    )
+    with raw_sse(server.url, "/stream?channel=logged") as response:
+        response.read_body_until(lambda body: b"retry:" in body, 5)
+        assert wait_for(lambda: _direct(server.url, 1), 5), stats(server.url)
+        _publish_many(server.url, 20, 1000, "logged")
+        body = response.read_body_until(lambda body: body.count(b"\n\n") >= 20, 10)
+        requests.post(f"{server.url}/revoke", params={"channel": "logged"}, timeout=5)
+        body = response.read_to_end(10)
+
+    def logged() -> list[int]:
+        lines = [line for line in server.log_text().splitlines() if "ACCESS /stream " in line]
+        return [int(line.rsplit(" ", 1)[1]) for line in lines]
+
+    assert wait_for(lambda: logged() != [], 5), server.log_text()[-2000:]
+    assert logged() == [len(body)]
 
 
 # The mailbox on its own, with a stand-in for the socket's send.
