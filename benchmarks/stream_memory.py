@@ -91,6 +91,10 @@ def main() -> int:
     for name, size in totals.most_common():
         print(f"| {name} | {size / args.streams:,.0f} |")
     print(f"| **total** | **{sum(totals.values()) / args.streams:,.0f}** |")
+    print("\nThe files that allocated most (bytes per stream)\n")
+    for filename, size in sorted(by_file.items(), key=lambda item: -item[1])[:12]:
+        short = "/".join(filename.split("/")[-2:])
+        print(f"- {short}: {size / args.streams:,.0f}")
     return 0
 
 
