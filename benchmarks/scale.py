@@ -1307,7 +1307,7 @@ def readme_table(data: dict[str, Any]) -> str:
         "",
     ]
     for t in data["targets"]:
-        lines.append(f"- {t['verdict']}: {t['target']} ({t['detail']})")
+        lines.append(f"- {t['verdict']}: {t['target']}: {t['detail']}")
     return "\n".join(lines).rstrip() + "\n\n"
 
 

@@ -22,9 +22,9 @@ import weakref
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import concurrency
-from ..reasons import EndReason, ResetReason
 from .fanout import Fanout
 from .redis_connect import refused
+from .redis_gaps import check_position, learn_epoch
 from .redis_history import Entries, Position, entry_id, stream_position, text
 from .redis_lanes import Lane
 from .redis_stats import STATS_EVERY, write_stats
@@ -59,12 +59,12 @@ class Receiver:
 
     def __init__(self, bus: RedisBus, fanout: Fanout) -> None:
         self._bus = weakref.ref(bus)
-        self._fanout = weakref.ref(fanout)
+        self.fanout = weakref.ref(fanout)
         self._errors = bus.errors
         self.lock = fanout.lock
         self.key = bus.key
         self.name = bus.name
-        self._shards = bus.shards
+        self.shards = bus.shards
         #: Per stream key read: the id of the last entry delivered, ``None`` until known.
         self.lasts: dict[str, str | None] = {self.key: None}
         #: Per stream key read: its epoch (see :class:`~.redis_history.StreamInfo`).
@@ -132,7 +132,7 @@ class Receiver:
 
     def shard_positions(self, shards: frozenset[int]) -> dict[int, Position] | None:
         """The positions in *shards*, ``None`` while one is unknown. Callers hold the lock."""
-        return self._shards.positions(self.lasts, shards) if self.connected else None
+        return self.shards.positions(self.lasts, shards) if self.connected else None
 
     def learn_position(self, client: redis.Redis, key: str | None = None) -> None:
         """Start after the newest entry of stream *key* (default: the first), unless a
@@ -259,8 +259,8 @@ class Receiver:
             # (Re)connecting: notice entries lost unread.
             for key, last in list(self.lasts.items()):
                 if last is not None and lane.reads(key):
-                    self._check_position(bus, reader, key)
-            if self._shards.count > 1 and lane.key is None:
+                    check_position(self, bus, reader, key)
+            if self.shards.count > 1 and lane.key is None:
                 lane.client_id = int(reader.client_id())
         for key in [k for k, last in self.lasts.items() if last is None and lane.reads(k)]:
             self.learn_position(reader, key)  # also a shard added while Redis did not answer
@@ -282,7 +282,7 @@ class Receiver:
             # Nothing new for a while: was a stream deleted, or made again with ids below
             # this receiver's position (which it would wait for forever)?
             for key in lane.take_turns(sorted(wanted), IDLE_CHECKS):
-                self._check_position(bus, reader, key)
+                check_position(self, bus, reader, key)
         for raw_key, entries in streams or ():
             key = text(raw_key)
             if key not in self.lasts:
@@ -290,10 +290,10 @@ class Receiver:
             if len(entries) >= BATCH:
                 # A full batch: this receiver is behind, maybe by more than the stream
                 # keeps. Entries trimmed before it read them cannot be delivered.
-                self._check_position(bus, reader, key)
+                check_position(self, bus, reader, key)
             self._deliver(bus, key, entries)
             if not self.epochs.get(key):
-                self._learn_epoch(bus, reader, key)
+                learn_epoch(self, bus, reader, key)
         if lane.reads(self.key) and time.monotonic() >= self._next_stats:
             self._next_stats = time.monotonic() + STATS_EVERY
             try:
@@ -303,69 +303,11 @@ class Receiver:
                     raise
                 self._log_refused(lane, exc)
 
-    def _learn_epoch(self, bus: RedisBus, reader: redis.Redis, key: str) -> None:
-        """Learn the epoch of a stream that did not exist when this receiver started (it
-        tells a failover from a stream made again, see :meth:`_check_position`). The
-        epoch is the stream's first id: one after this receiver's position belongs to a
-        stream made since, not to the one it read."""
-        epoch = text(reader.get(bus.history_of(key).epoch_key) or b"")
-        start = stream_position(epoch)
-        with self.lock:
-            if start is not None and key in self.lasts and start <= self.position_in(key):
-                self.epochs[key] = epoch
-
-    def _check_position(self, bus: RedisBus, reader: redis.Redis, key: str) -> None:
-        """Notice a stream that cannot go on from its position. Trimmed past it: end every
-        stream that follows it, as lagged, so that their clients resync. Deleted or made
-        again: read the new stream from its start, ending only the streams waiting for a
-        resume point in the old one (which the new one's ids may never pass)."""
-        info = bus.history_of(key).info(reader)
-        fanout = self._fanout()
-        if fanout is None:
-            return
-        shard = self._shards.shard_of_key(key)
-
-        def follows(sub: Any) -> bool:
-            return shard is None or shard in self._shards.needed(sub.channels)
-
-        with self.lock:
-            if key not in self.lasts:
-                return
-            position = self.position_in(key)
-            reason = info.gap(position)
-            known, self.epochs[key] = self.epochs.get(key), info.epoch
-            if reason is None:
-                return
-            if info.lost_tail(position, known):
-                why = (
-                    f"Redis lost the newest entries this worker delivered, up to "
-                    f"{self.lasts[key]} (a failover: replication is asynchronous); open "
-                    f"streams go on from the new primary's newest entry, "
-                    f"{entry_id(info.last_generated)}"
-                )
-                self.lasts[key] = entry_id(info.last_generated)
-                ended = None
-            elif reason is ResetReason.UNKNOWN:
-                why = f"the Redis stream {key!r} was deleted or made again; reading the new one"
-                self.lasts[key] = "0-0"
-                waiting, self.waiting = self.waiting, {}
-                ended = fanout.end(EndReason.LAGGED, waiting.__contains__)
-            elif self._shards.count > 1 and shard is None:
-                why = "revocation orders were trimmed from Redis before this worker read them"
-                ended = None
-            else:
-                why = "events were trimmed from Redis before this worker read them"
-                ended = fanout.end(EndReason.LAGGED, follows)
-        if ended is None:
-            log.warning("flask-sse-push: %s", why)
-        else:
-            log.warning("flask-sse-push: %s; ended %d streams so their clients resync", why, ended)
-
     def _deliver(self, bus: RedisBus, key: str, entries: Entries) -> None:
-        fanout = self._fanout()
+        fanout = self.fanout()
         if fanout is None:
             return
-        sharded = self._shards.shard_of_key(key) is not None
+        sharded = self.shards.shard_of_key(key) is not None
         for entry, fields in entries:
             try:
                 if bus.is_control(fields):
@@ -377,7 +319,7 @@ class Receiver:
                         if (stream_position(entry.decode()) or (0, 0)) <= self.position_in(key):
                             continue  # read before the shard was dropped and taken up again
                         self._advance(fanout, key, entry)
-                        vector = self._shards.vector(self.lasts)
+                        vector = self.shards.vector(self.lasts)
                         fanout.deliver(self._message(bus, fanout, entry, fields, vector))
                 else:
                     message = self._message(bus, fanout, entry, fields)
