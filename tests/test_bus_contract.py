@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from support.buses import resume
 
 from flask_sse_push import (
-    BusError,
     ConfigurationError,
     EndReason,
     ResetReason,
@@ -21,7 +21,7 @@ from flask_sse_push import (
     get_state,
     send_event,
 )
-from flask_sse_push.bus import Bus, Fanout, MemoryBus, Message, Resume, Subscription, create_bus
+from flask_sse_push.bus import Bus, Fanout, MemoryBus, Message, Subscription, create_bus
 from flask_sse_push.bus.base import registered_schemes
 from flask_sse_push.config import DEFAULTS, Settings
 from flask_sse_push.mailbox import TAKE_BYTES, Mailbox
@@ -240,6 +240,10 @@ def test_every_registered_backend_runs_the_suite() -> None:
 
 
 def _registered_classes() -> set[type[Bus]]:
+    # The Redis bus registers its schemes before its module is imported (so a worker on the
+    # in-process bus never loads it); import it to see its class.
+    import flask_sse_push.bus.redis  # noqa: F401
+
     found: set[type[Bus]] = set()
     pending: list[type[Bus]] = [Bus]
     while pending:
@@ -249,19 +253,6 @@ def _registered_classes() -> set[type[Bus]]:
             if sub.__dict__.get("schemes"):
                 found.add(sub)
     return found
-
-
-def resume(bus: Bus, sub: Subscription, last_event_id: str | None) -> Resume:
-    """Subscribe and return the replay, fetching a pending one like a stream does."""
-    result = bus.subscribe(sub, last_event_id)
-    deadline = time.monotonic() + 10
-    while result.pending is not None:
-        try:
-            result = result.pending()
-        except BusError:
-            assert time.monotonic() < deadline, "the replay never became available"
-            time.sleep(0.05)
-    return result
 
 
 def take_until(sub: Subscription, count: int, timeout: float = 10) -> list[bytes]:

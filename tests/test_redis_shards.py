@@ -17,6 +17,7 @@ import requests
 from flask import Flask
 from support.app import publish as publish_http
 from support.app import serve
+from support.buses import resume
 from support.clients import Crowd
 from support.gunicorn import GunicornFactory
 from support.procs import wait_for
@@ -30,7 +31,7 @@ from flask_sse_push import (
     ResetReason,
     get_state,
 )
-from flask_sse_push.bus import Resume, Subscription, create_bus
+from flask_sse_push.bus import Subscription, create_bus
 from flask_sse_push.bus.redis import RedisBus
 from flask_sse_push.config import DEFAULTS, Settings
 
@@ -69,19 +70,6 @@ def make_bus(shared_redis: RedisServer) -> Iterator[Callable[..., RedisBus]]:
     yield make
     for bus in made:
         bus.close()
-
-
-def resume(bus: RedisBus, sub: Subscription, last_event_id: str | None) -> Resume:
-    """Subscribe, fetching a pending replay as a stream does."""
-    result = bus.subscribe(sub, last_event_id)
-    deadline = time.monotonic() + 10
-    while result.pending is not None:
-        try:
-            result = result.pending()
-        except BusError:
-            assert time.monotonic() < deadline, "the replay never became available"
-            time.sleep(0.02)
-    return result
 
 
 def events(data: bytes) -> list[tuple[str, str]]:
