@@ -18,6 +18,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("flask_sse_push")
 
 
+def history_error(exc: Exception, sub: Subscription, where: object, last_event_id: str) -> BusError:
+    """The error for a replay that Redis did not read: unreachable, the stream retries;
+    refused (out of memory, a script error), *sub* ends as ``error``, since asking again
+    would be refused again."""
+    if not refused(exc):
+        return BusError(f"could not read the history from Redis: {exc}")
+    log.error(
+        "flask-sse-push: Redis refused to read the history of %r (%s); ending a stream that "
+        "resumed from %r",
+        where,
+        exc,
+        last_event_id,
+    )
+    sub.end(EndReason.ERROR)
+    return BusError(f"Redis refused to read the history: {exc}")
+
+
 class Resumption:
     """Resuming one subscription after a ``Last-Event-ID``: the first call places it (live
     delivery starts, or it waits for the receiver), later calls only read the replay."""
@@ -42,18 +59,7 @@ class Resumption:
                 return replay
             return Resume(replay.replay, reset)
         except self.bus.errors as exc:
-            if not refused(exc):
-                raise BusError(f"could not read the history from Redis: {exc}") from exc
-            # Refused, not unreachable: asking again would be refused again.
-            log.error(
-                "flask-sse-push: Redis refused to read the history in %r (%s); ending a stream "
-                "that resumed from %r",
-                self.bus.key,
-                exc,
-                self.last_event_id,
-            )
-            self.sub.end(EndReason.ERROR)
-            raise BusError(f"Redis refused to read the history: {exc}") from exc
+            raise history_error(exc, self.sub, self.bus.key, self.last_event_id) from exc
 
     def _place(self) -> Resume | tuple[Position, Position, Reset | None]:
         """Start live delivery to the subscription after its ``Last-Event-ID``: a

@@ -16,7 +16,6 @@ Order holds within a shard (so within a channel), not across shards.
 
 from __future__ import annotations
 
-import logging
 import re
 import zlib
 from collections.abc import Iterable, Mapping
@@ -24,9 +23,8 @@ from typing import TYPE_CHECKING, cast
 
 from ..encoding import MAX_FIELD_LENGTH, with_id
 from ..errors import BusError
-from ..reasons import EndReason, ResetReason
+from ..reasons import ResetReason
 from .base import Reset, Resume, Subscription
-from .redis_connect import refused
 from .redis_history import (
     Entries,
     Position,
@@ -35,12 +33,12 @@ from .redis_history import (
     stream_position,
     stream_shaped,
 )
+from .redis_resume import history_error
 
 if TYPE_CHECKING:
     from .redis import RedisBus
     from .redis_connect import Target
 
-log = logging.getLogger("flask_sse_push")
 
 #: Between the parts of a vector id.
 SEPARATOR = "."
@@ -156,18 +154,7 @@ class ShardedResumption:
             after, upto, reset = self.span
             return self._replay(after, upto, reset)
         except self.bus.errors as exc:
-            if not refused(exc):
-                raise BusError(f"could not read the history from Redis: {exc}") from exc
-            # Refused, not unreachable: asking again would be refused again.
-            log.error(
-                "flask-sse-push: Redis refused to read the history of %r (%s); ending a "
-                "stream that resumed from %r",
-                self.sub.channels,
-                exc,
-                self.last_event_id,
-            )
-            self.sub.end(EndReason.ERROR)
-            raise BusError(f"Redis refused to read the history: {exc}") from exc
+            raise history_error(exc, self.sub, self.sub.channels, self.last_event_id) from exc
 
     def _infos(self, followed: frozenset[int], own_id: str = "") -> dict[int, StreamInfo]:
         return {shard: self.bus.shard_history(shard).info(own_id=own_id) for shard in followed}
